@@ -1,0 +1,150 @@
+"""Images/s of the cached loader against the published per-epoch pipeline, on CPU.
+
+Both read the same VOC-sized JPEGs (500 x 375) with the same DataLoader worker count and batch
+size; each is warmed up, then timed over one full shuffled pass. The published pipeline decodes
+and resizes every image every epoch; ours gathers uint8 batches from the decoded cache and does
+the flip, the conversion to float and the normalisation in the training process (on the GPU in
+the trainer, on the CPU here). Last line: `loader ratio <ours / published> (target 5)`.
+
+Run from the repository root: `.venv/bin/python -m bench.loader [--images N] [--workers W] [--workdir DIR]`.
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torchvision import transforms
+
+from wsml.data.cache import load_image_cache
+
+SIZE, BATCH, WARMUP_BATCHES = 448, 16, 4
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_images(folder: Path, n: int) -> list[str]:
+    """n photo-like 500 x 375 JPEGs (smooth shapes plus texture, so decoding costs what a photo does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i:05d}.jpg" for i in range(n)]
+    for i, p in enumerate(paths):
+        if p.exists():  # reused between runs
+            continue
+        rng = np.random.default_rng(i)
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+        texture = rng.normal(0, 18, (375, 500, 1)) * rng.uniform(0.3, 1.0, (1, 1, 3))
+        pixels = np.clip(np.asarray(coarse, dtype=np.float64) + texture, 0, 255).astype(np.uint8)
+        tmp = p.with_suffix(".tmp")
+        Image.fromarray(pixels).save(tmp, format="JPEG", quality=90)
+        tmp.rename(p)  # never leave a half-written image for the next run to reuse
+    return [str(p) for p in paths]
+
+
+class Published(Dataset):
+    """The published code's training pipeline: decode and transform each image every epoch."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.transform = transforms.Compose([
+            transforms.Resize((SIZE, SIZE)), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB"))
+
+
+class CachedBatches(Dataset):
+    """Whole uint8 batches gathered from the cache: the sampler hands over a batch of indices."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.sort(batch)  # ascending reads from the memmap; labels are looked up by the returned indices
+        return torch.from_numpy(idx), torch.from_numpy(self.array[idx])
+
+
+class ToInput:
+    """Random horizontal flip, uint8 -> float, normalise: the trainer's on-device step, here on the CPU.
+
+    Works in the cache's NHWC layout and returns an NCHW view of it (channels_last, as the trainer
+    trains). One fused multiply-add per image into a reused buffer, as the device's caching
+    allocator would reuse its memory.
+    """
+
+    def __init__(self):
+        self.scale = 1 / torch.tensor(STD).mul(255)
+        self.shift = -torch.tensor(MEAN).mul(255) * self.scale
+        self.reverse = torch.arange(SIZE - 1, -1, -1)
+        self.out = torch.empty(0)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.out.shape != images.shape:
+            self.out = torch.empty(images.shape, dtype=torch.float32)
+        for i, flip in enumerate((torch.rand(len(images)) < 0.5).tolist()):
+            src = images[i].index_select(1, self.reverse) if flip else images[i]
+            torch.addcmul(self.shift, src, self.scale, out=self.out[i])
+        return self.out.permute(0, 3, 1, 2)
+
+
+def images_per_second(loader: DataLoader, consume) -> float:
+    it = iter(loader)
+    for _ in range(WARMUP_BATCHES):  # starts the workers and fills their prefetch queues
+        consume(next(it))
+    del it
+    n, start = 0, time.perf_counter()
+    for batch in loader:
+        n += consume(batch)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=480)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for both pipelines")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "wsml-bench-loader"),
+                    help="generated JPEGs are kept here and reused")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    # The loader workers need the CPUs; the training process's own share of work is device work in
+    # the trainer, so it gets one thread rather than competing with the workers.
+    torch.set_num_threads(1)
+    work = Path(args.workdir)
+    paths = make_images(work / "jpeg", args.images)
+    print(f"{len(paths)} JPEGs 500x375 in {work / 'jpeg'}; batch {BATCH}, {args.workers} loader workers, "
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+
+    shutil.rmtree(work / "cache", ignore_errors=True)  # time the one-off build every run
+    start = time.perf_counter()
+    cache = load_image_cache(paths, SIZE, work / "cache", workers=args.workers)
+    build = time.perf_counter() - start
+    print(f"cache build (one-off, {args.workers} processes): {build:.1f} s, {len(paths) / build:.0f} images/s, "
+          f"{cache.array.nbytes / 1e9:.2f} GB")
+
+    common = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
+    published = DataLoader(Published(paths), batch_size=BATCH, shuffle=True, **common)
+    theirs = images_per_second(published, len)
+    print(f"published pipeline (decode + Resize + flip + ToTensor + Normalize): {theirs:.0f} images/s")
+
+    to_input = ToInput()
+    sampler = BatchSampler(RandomSampler(range(len(paths))), BATCH, drop_last=False)
+    cached = DataLoader(CachedBatches(cache.array), sampler=sampler, batch_size=None, **common)
+    ours = images_per_second(cached, lambda batch: len(to_input(batch[1])))
+    print(f"cached loader (uint8 batches + flip/float/normalise in the training process): {ours:.0f} images/s")
+    print(f"loader ratio {ours / theirs:.1f} (target 5)")
+
+
+if __name__ == "__main__":
+    main()

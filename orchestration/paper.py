@@ -1,0 +1,81 @@
+"""The published numbers of "Large Loss Matters in Weakly Supervised
+Multi-Label Classification" (Kim, Kim, Akata, Lee, CVPR 2022), as data.
+
+Test mAP in percent, ResNet-50. `aggregate.py` puts them beside our own
+numbers; nothing here is computed.
+"""
+from __future__ import annotations
+
+# Our scheme names in the paper's row order (Table 1).
+METHODS = ("full", "AN", "WAN", "LSAN", "EPR", "ROLE", "LL-R", "LL-Ct", "LL-Cp")
+# The paper's own row labels.
+METHOD_LABELS = {
+    "full": "Full label", "AN": "Naive AN", "WAN": "WAN", "LSAN": "LSAN", "EPR": "EPR",
+    "ROLE": "ROLE", "LL-R": "LL-R", "LL-Ct": "LL-Ct", "LL-Cp": "LL-Cp",
+}
+
+# Training modes (the `mode` config value) and the paper's column labels.
+MODES = ("end-to-end", "linear-init")
+MODE_LABELS = {"end-to-end": "End-to-end", "linear-init": "LinearInit"}
+
+# Data set config names, the paper's four first, and their column labels.
+PAPER_DATASETS = ("pascal", "coco", "nuswide", "cub")
+DATASETS = PAPER_DATASETS + ("openimages", "digits")
+DATASET_LABELS = {
+    "pascal": "VOC", "coco": "COCO", "nuswide": "NUS", "cub": "CUB",
+    "openimages": "OpenImages", "digits": "digits",
+}
+
+# Table 1: method -> (E2E VOC, COCO, NUS, CUB, LinearInit VOC, COCO, NUS, CUB).
+_TABLE1_ROWS = {
+    "full":  (90.2, 78.0, 54.5, 32.9, 91.1, 77.2, 54.9, 34.0),
+    "AN":    (85.1, 64.1, 42.0, 19.1, 86.9, 68.7, 47.6, 20.9),
+    "WAN":   (86.5, 64.8, 46.3, 20.3, 87.1, 68.0, 47.5, 21.1),
+    "LSAN":  (86.7, 66.9, 44.9, 17.9, 86.5, 69.2, 50.5, 16.6),
+    "EPR":   (85.5, 63.3, 46.0, 20.0, 84.9, 66.8, 48.1, 21.2),
+    "ROLE":  (87.9, 66.3, 43.1, 15.0, 88.2, 69.0, 51.0, 16.8),
+    "LL-R":  (89.2, 71.0, 47.4, 19.5, 89.4, 71.9, 49.1, 21.5),
+    "LL-Ct": (89.0, 70.5, 48.0, 20.4, 89.3, 71.6, 49.6, 21.8),
+    "LL-Cp": (88.4, 70.7, 48.3, 20.1, 88.3, 71.0, 49.4, 21.4),
+}
+_TABLE1_COLUMNS = tuple((mode, ds) for mode in MODES for ds in PAPER_DATASETS)
+
+# TABLE1[(method, dataset, mode)] = published test mAP.
+TABLE1: dict[tuple[str, str, str], float] = {
+    (method, ds, mode): value
+    for method, values in _TABLE1_ROWS.items()
+    for (mode, ds), value in zip(_TABLE1_COLUMNS, values, strict=True)
+}
+
+# OpenImages V3 (real partial labels): mAP per class-frequency group and over
+# all classes. The paper reports one setting for this data set; we compare it
+# with our end-to-end runs.
+OPENIMAGES_GROUPS = ("G1", "G2", "G3", "G4", "G5", "All")
+OPENIMAGES_MODE = "end-to-end"
+# The metric each group is read from on our runs.
+OPENIMAGES_METRICS = {"G1": "test_map_g1", "G2": "test_map_g2", "G3": "test_map_g3",
+                      "G4": "test_map_g4", "G5": "test_map_g5", "All": "test_map"}
+_OPENIMAGES_ROWS = {
+    "AN":    (77.1, 78.7, 81.5, 84.1, 88.8, 82.0),
+    "LL-R":  (77.4, 79.1, 82.0, 84.5, 89.5, 82.5),
+    "LL-Ct": (77.7, 79.3, 82.1, 84.7, 89.4, 82.6),
+    "LL-Cp": (77.6, 79.1, 81.9, 84.6, 89.4, 82.5),
+}
+# OPENIMAGES[(method, group)] = published mAP.
+OPENIMAGES: dict[tuple[str, str], float] = {
+    (method, group): value
+    for method, values in _OPENIMAGES_ROWS.items()
+    for group, value in zip(OPENIMAGES_GROUPS, values, strict=True)
+}
+
+
+def table1(method: str, dataset: str, mode: str) -> float | None:
+    """The published Table 1 test mAP, or None where the paper has none."""
+    return TABLE1.get((method, dataset, mode))
+
+
+def openimages(method: str, group: str, mode: str = OPENIMAGES_MODE) -> float | None:
+    """The published OpenImages mAP of a group ("G1".."G5", "All"), or None."""
+    if mode != OPENIMAGES_MODE:
+        return None
+    return OPENIMAGES.get((method, group))

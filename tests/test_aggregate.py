@@ -1,0 +1,495 @@
+"""orchestration/aggregate.py against MLflow stores written in the project's schema.
+
+Every store is built here with the MlflowClient, exactly as the sweep writes
+runs (orchestration/tracking.py): a parent run per sweep (role=sweep) and
+nested trial / final runs with tags, params, per-epoch and final metrics.
+Every table cell is checked against numbers computed straight from the
+client's runs with numpy.
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from orchestration import aggregate as A  # noqa: E402
+from orchestration import paper  # noqa: E402
+from orchestration import tracking as T  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = ("table1.md", "table1.csv", "table1.tex", "sweeps.md", "sweeps.csv")
+
+
+# --------------------------------------------------------------------------- writing runs
+
+@dataclass
+class RunSpec:
+    scheme: str
+    role: str = T.ROLE_TRIAL
+    seed: int = 0
+    delta_rel: float = 2.0
+    lr: float = 1e-3
+    epochs: int = 5                   # configured
+    val_map: list[float] = field(default_factory=list)   # per epoch; its length = epochs run
+    end_reason: str | None = "completed"   # None: tag left out
+    status: str = "FINISHED"
+    test_map: float | None = None
+    gpu_hours: float = 0.0
+    extra_metrics: dict = field(default_factory=dict)
+
+
+def write_sweep(client: MlflowClient, name: str, dataset: str, mode: str,
+                specs: list[RunSpec], t0: int | None = None) -> tuple[str, str, list[str]]:
+    """Create experiment `name` with a parent sweep run and nested runs; (exp id, parent id, child ids)."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    t0 = int(time.time() * 1000) if t0 is None else t0
+    parent = client.create_run(exp_id, run_name=name, start_time=t0, tags={
+        T.TAG_ROLE: T.ROLE_SWEEP, T.TAG_SWEEP: name, T.TAG_DATASET: dataset, T.TAG_MODE: mode})
+    ids = []
+    for i, s in enumerate(specs):
+        trial_id = f"{s.scheme}_{i:03d}"
+        tags = {T.TAG_PARENT: parent.info.run_id, T.TAG_ROLE: s.role, T.TAG_DATASET: dataset,
+                T.TAG_SCHEME: s.scheme, T.TAG_MODE: mode, T.TAG_SEED: str(s.seed),
+                T.TAG_TRIAL_ID: trial_id, T.TAG_SWEEP: name}
+        if s.end_reason is not None:
+            tags[T.TAG_STATUS_REASON] = s.end_reason
+        run_name = f"{s.role}-{s.scheme}-{i:03d}" if s.role == T.ROLE_TRIAL else f"final-{s.scheme}-seed{s.seed}"
+        run = client.create_run(exp_id, run_name=run_name, start_time=t0 + 1000 * (i + 1), tags=tags)
+        params = {"dataset": dataset, "scheme": s.scheme, "delta_rel": s.delta_rel, "lr": s.lr,
+                  "mode": mode, "seed": s.seed, "epochs": s.epochs, "batch_size": 32}
+        metrics = []
+        ts = t0 + 1000 * (i + 1)
+        k = len(s.val_map)
+        for e, v in enumerate(s.val_map, start=1):
+            metrics += [Metric(T.VAL_MAP, v, ts + e, e), Metric(T.TRAIN_LOSS, 1.0 / e, ts + e, e),
+                        Metric(T.CLEAN_RATE, 1 - (e - 1) * s.delta_rel / 100, ts + e, e)]
+            if s.scheme.startswith("LL-"):
+                metrics += [Metric(T.MODIFIED_FRAC, (e - 1) * s.delta_rel / 100, ts + e, e),
+                            Metric(T.MODIFIED_TRUE_POS_FRAC, 0.0 if e == 1 else max(0.05, 0.6 - 0.1 * e),
+                                   ts + e, e)]
+        if k:
+            best_epoch = int(np.argmax(s.val_map)) + 1
+            metrics += [Metric(T.BEST_VAL_MAP, max(s.val_map), ts + 99, 0),
+                        Metric(T.BEST_EPOCH, best_epoch, ts + 99, 0)]
+        metrics += [Metric(T.EPOCHS_RUN, k, ts + 99, 0), Metric(T.GPU_HOURS, s.gpu_hours, ts + 99, 0),
+                    Metric(T.TRAIN_HOURS, s.gpu_hours or 0.01, ts + 99, 0)]
+        if s.test_map is not None:
+            metrics.append(Metric(T.TEST_MAP, s.test_map, ts + 99, 0))
+        for key, v in s.extra_metrics.items():
+            metrics.append(Metric(key, v, ts + 99, 0))
+        client.log_batch(run.info.run_id, metrics=metrics,
+                         params=[Param(a, str(b)) for a, b in params.items()])
+        client.set_terminated(run.info.run_id, s.status, end_time=ts + 500)
+        ids.append(run.info.run_id)
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return exp_id, parent.info.run_id, ids
+
+
+def curve(peak: float, epochs: int, rng: np.random.Generator) -> list[float]:
+    base = np.linspace(peak - 20, peak, epochs) + rng.normal(0, 0.5, epochs)
+    return [float(round(v, 4)) for v in base]
+
+
+def final_specs(scheme: str, tests: list[float], epochs: int = 5, delta_rel: float = 2.0,
+                lr: float = 1e-3) -> list[RunSpec]:
+    rng = np.random.default_rng(len(scheme))
+    return [RunSpec(scheme, role=T.ROLE_FINAL, seed=s, epochs=epochs, delta_rel=delta_rel, lr=lr,
+                    val_map=curve(t + 1, epochs, rng), test_map=t, gpu_hours=0.1)
+            for s, t in enumerate(tests)]
+
+
+@pytest.fixture(scope="module")
+def _store_db(tmp_path_factory) -> Path:
+    """Build the store once per module (writing ~70 runs to SQLite takes seconds); tests get a copy."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    build_store(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def store(_store_db, tmp_path):
+    """A copy of the module's store in tmp_path: (uri, client)."""
+    shutil.copyfile(_store_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return uri, MlflowClient(tracking_uri=uri)
+
+
+def build_store(uri: str) -> None:
+    """A digits sweep (4 schemes), VOC end-to-end and LinearInit finals; COCO/NUS/CUB without runs."""
+    client = MlflowClient(tracking_uri=uri)
+    rng = np.random.default_rng(0)
+    digits = []
+    # Search trials: 4 schemes; ASHA stops (tagged and one untagged short run), a stop_drop, a failure.
+    digits += [RunSpec("AN", delta_rel=0.0, lr=1e-3, val_map=curve(42, 5, rng), gpu_hours=0.01),
+               RunSpec("AN", delta_rel=0.0, lr=3e-3, val_map=curve(38, 2, rng), end_reason="asha_stopped",
+                       gpu_hours=0.004)]
+    digits += [RunSpec("LL-R", delta_rel=2.0, lr=1e-3, val_map=curve(51, 5, rng), gpu_hours=0.01),
+               RunSpec("LL-R", delta_rel=4.0, lr=2e-3, val_map=curve(45, 2, rng), end_reason="asha_stopped",
+                       gpu_hours=0.004),
+               RunSpec("LL-R", delta_rel=1.0, lr=5e-4, val_map=curve(44, 3, rng), end_reason=None,
+                       gpu_hours=0.006),                    # untagged, 3 < 5 epochs: ASHA
+               RunSpec("LL-R", delta_rel=3.0, lr=1e-3, val_map=curve(47, 4, rng), end_reason="stop_drop",
+                       gpu_hours=0.008)]
+    digits += [RunSpec("LL-Ct", delta_rel=2.5, lr=1e-3, val_map=curve(50, 5, rng), gpu_hours=0.01),
+               RunSpec("LL-Ct", delta_rel=1.5, lr=8e-4, val_map=curve(49.5, 5, rng), gpu_hours=0.01),
+               RunSpec("LL-Ct", delta_rel=5.0, lr=1e-3, val_map=curve(40, 1, rng),
+                       end_reason="failed: CUDA out of memory", status="FAILED")]
+    digits += [RunSpec("LL-Cp", delta_rel=1.0, lr=1e-3, val_map=curve(48, 5, rng), gpu_hours=0.01),
+               RunSpec("LL-Cp", delta_rel=2.0, lr=1e-3, val_map=curve(43, 2, rng), end_reason="asha_stopped",
+                       gpu_hours=0.004)]
+    digits += final_specs("AN", [41.2, 42.9, 40.7])
+    digits += final_specs("LL-R", [50.1, 51.3, 49.8], delta_rel=2.0)
+    digits += final_specs("LL-Ct", [49.0, 50.6, 50.2], delta_rel=2.5)
+    digits += final_specs("LL-Cp", [47.5, 48.8, 48.1], delta_rel=1.0)
+    write_sweep(client, "digits-ll", "digits", "end-to-end", digits)
+
+    voc = [RunSpec("LL-R", delta_rel=0.2, lr=1e-5, epochs=10, val_map=curve(88, 10, rng), gpu_hours=0.3),
+           RunSpec("LL-R", delta_rel=0.4, lr=2e-5, epochs=10, val_map=curve(86, 3, rng),
+                   end_reason="asha_stopped", gpu_hours=0.1),
+           RunSpec("AN", delta_rel=0.0, lr=1e-5, epochs=10, val_map=curve(85, 10, rng), gpu_hours=0.3)]
+    voc += final_specs("LL-R", [89.31, 88.72, 89.05], epochs=10, delta_rel=0.2, lr=1e-5)
+    voc += final_specs("AN", [85.4, 84.9, 85.0], epochs=10)
+    voc += final_specs("full", [90.4], epochs=10)          # n = 1: no std
+    write_sweep(client, "voc-e2e", "pascal", "end-to-end", voc)
+
+    li = [RunSpec("LL-R", delta_rel=0.3, lr=1e-5, epochs=10, val_map=curve(88, 10, rng), gpu_hours=0.2)]
+    li += final_specs("LL-R", [89.9, 89.1], epochs=10, delta_rel=0.3, lr=1e-5)
+    write_sweep(client, "voc-li", "pascal", "linear-init", li)
+
+
+def finals_from_mlflow(client: MlflowClient) -> dict[tuple[str, str, str], np.ndarray]:
+    """test_map of every finished role=final run, straight from the client, by (scheme, dataset, mode)."""
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id], max_results=10000):
+            t = run.data.tags
+            if t.get(T.TAG_ROLE) != T.ROLE_FINAL or run.info.status != "FINISHED":
+                continue
+            key = (t[T.TAG_SCHEME], t[T.TAG_DATASET], t[T.TAG_MODE])
+            out.setdefault(key, []).append(run.data.metrics[T.TEST_MAP])
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def md_table(path: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """(header cells, {row label: cells}) of the first Markdown table in a file."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
+    split = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+    header, rows = split[0], split[2:]
+    return header, {r[0]: r[1:] for r in rows}
+
+
+def expected_cell(values: np.ndarray | None, ref: float | None) -> str:
+    """The cell text computed independently from the raw values."""
+    if values is None or values.size == 0:
+        ours = "–"
+    elif values.size == 1:
+        ours = f"{values.mean():.2f} (n=1)"
+    else:
+        ours = f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={values.size})"
+    parts = [ours]
+    if ref is not None:
+        parts.append(f"paper {ref:.1f}")
+        if values is not None and values.size:
+            parts.append(f"Δ {values.mean() - ref:+.2f}")
+    return " · ".join(parts)
+
+
+# --------------------------------------------------------------------------- Table 1
+
+def test_table1_every_cell_matches_mlflow(store, tmp_path):
+    uri, client = store
+    out = tmp_path / "results"
+    res = A.aggregate(uri, None, out)
+    assert sorted(res.experiments) == ["digits-ll", "voc-e2e", "voc-li"]
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    assert not (out / "openimages.md").exists()          # no OpenImages runs
+    assert not list(out.glob(".*.tmp"))                   # no temp files left behind
+
+    finals = finals_from_mlflow(client)
+    assert set(finals) == {("AN", "digits", "end-to-end"), ("LL-R", "digits", "end-to-end"),
+                           ("LL-Ct", "digits", "end-to-end"), ("LL-Cp", "digits", "end-to-end"),
+                           ("LL-R", "pascal", "end-to-end"), ("AN", "pascal", "end-to-end"),
+                           ("full", "pascal", "end-to-end"), ("LL-R", "pascal", "linear-init")}
+
+    # CSV: one tidy row per (method, dataset, mode), every one checked.
+    rows = read_csv(out / "table1.csv")
+    datasets = ["pascal", "coco", "nuswide", "cub", "digits"]      # the paper's four always, then ours
+    modes = ["end-to-end", "linear-init"]
+    assert {(r["method"], r["dataset"], r["mode"]) for r in rows} == {
+        (m, d, mo) for m in paper.METHODS for d in datasets for mo in modes}
+    assert len(rows) == len(paper.METHODS) * len(datasets) * len(modes)
+    for r in rows:
+        vals = finals.get((r["method"], r["dataset"], r["mode"]))
+        ref = paper.table1(r["method"], r["dataset"], r["mode"])
+        n = 0 if vals is None else vals.size
+        assert int(r["n"]) == n
+        if ref is None:
+            assert r["paper"] == "" and r["diff"] == ""
+        else:
+            assert float(r["paper"]) == pytest.approx(ref)
+        if n == 0:
+            assert r["mean"] == r["std"] == r["diff"] == ""
+            continue
+        assert float(r["mean"]) == pytest.approx(vals.mean(), abs=1e-4)
+        if n == 1:
+            assert r["std"] == ""                                  # std blank for n = 1
+        else:
+            assert float(r["std"]) == pytest.approx(vals.std(ddof=1), abs=1e-4)
+        if ref is not None:
+            assert float(r["diff"]) == pytest.approx(vals.mean() - ref, abs=1e-4)
+
+    # Markdown: the paper's columns in the paper's order, then ours; every cell's text.
+    header, table = md_table(out / "table1.md")
+    labels = {"pascal": "VOC", "coco": "COCO", "nuswide": "NUS", "cub": "CUB", "digits": "digits"}
+    mode_labels = {"end-to-end": "End-to-end", "linear-init": "LinearInit"}
+    cols = [(mo, d) for mo in modes for d in datasets]
+    assert header[1:] == [f"{mode_labels[mo]} {labels[d]}" for mo, d in cols]
+    assert list(table) == list(paper.METHODS)
+    for method in paper.METHODS:
+        for (mo, d), cell in zip(cols, table[method], strict=True):
+            want = expected_cell(finals.get((method, d, mo)), paper.table1(method, d, mo))
+            assert cell == want, (method, d, mo)
+    text = (out / "table1.md").read_text()
+    for v in paper.TABLE1.values():                    # every published number is there
+        assert f"paper {v:.1f}" in text
+    assert table["LL-Cp"][cols.index(("end-to-end", "coco"))] == "– · paper 70.7"   # empty, marked
+    assert table["LL-R"][cols.index(("end-to-end", "digits"))].startswith("50.40 ± 0.79 (n=3)")
+    assert table["full"][cols.index(("end-to-end", "pascal"))] == "90.40 (n=1) · paper 90.2 · Δ +0.20"
+
+    # LaTeX: exists, booktabs, and every CSV mean / paper number is in its method's row.
+    tex = (out / "table1.tex").read_text()
+    assert "\\begin{tabular}" in tex and "\\toprule" in tex and "\\end{tabular}" in tex
+    tex_rows = {ln.split("&")[0].strip(): ln for ln in tex.splitlines() if "&" in ln}
+    for r in rows:
+        line = tex_rows[r["method"]]
+        cells = [c.strip().rstrip("\\").strip() for c in line.split("&")[1:]]
+        cell = cells[cols.index((r["mode"], r["dataset"]))]
+        if r["mean"]:
+            assert cell.startswith(f"{float(r['mean']):.2f}")
+            assert f"(n={r['n']})" in cell
+        else:
+            assert cell.startswith("--")
+        if r["paper"]:
+            assert f"paper {float(r['paper']):.1f}" in cell
+
+    # The result object carries the same tidy table.
+    t1 = res.table1.set_index(["method", "dataset", "mode"])
+    assert t1.loc[("LL-R", "pascal", "linear-init"), "n"] == 2
+    assert t1.loc[("LL-R", "pascal", "linear-init"), "mean"] == pytest.approx(89.5)
+
+
+def test_sweep_summary_counts(store, tmp_path):
+    uri, client = store
+    out = tmp_path / "results"
+    A.aggregate(uri, ["digits-ll"], out)
+    rows = {(r["sweep"], r["scheme"]): r for r in read_csv(out / "sweeps.csv")}
+    assert set(rows) == {("digits-ll", s) for s in ("AN", "LL-R", "LL-Ct", "LL-Cp", "all")}
+
+    # Independently from the client: count trials, ASHA stops (tag, or fewer epochs than configured
+    # without a tag), sums of epochs_run and gpu_hours, the best trial by best_val_map.
+    exp = client.get_experiment_by_name("digits-ll")
+    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(T.TAG_ROLE) == "trial"]
+    for scheme in ("AN", "LL-R", "LL-Ct", "LL-Cp"):
+        mine = [r for r in trials if r.data.tags[T.TAG_SCHEME] == scheme]
+        asha = [r for r in mine if r.data.tags.get(T.TAG_STATUS_REASON) == "asha_stopped"
+                or (T.TAG_STATUS_REASON not in r.data.tags
+                    and r.data.metrics[T.EPOCHS_RUN] < int(r.data.params["epochs"]))]
+        ok = [r for r in mine if r.info.status == "FINISHED"]
+        best = max(ok, key=lambda r: r.data.metrics[T.BEST_VAL_MAP])
+        row = rows[("digits-ll", scheme)]
+        assert int(row["trials"]) == len(mine)
+        assert int(row["asha_stopped"]) == len(asha)
+        assert float(row["epochs"]) == sum(r.data.metrics[T.EPOCHS_RUN] for r in mine)
+        assert float(row["gpu_hours"]) == pytest.approx(sum(r.data.metrics[T.GPU_HOURS] for r in mine))
+        assert float(row["best_val_map"]) == pytest.approx(best.data.metrics[T.BEST_VAL_MAP], abs=1e-4)
+        assert row["best_trial"] == best.data.tags[T.TAG_TRIAL_ID]
+        assert row["best_run_id"] == best.info.run_id
+        assert f"delta_rel={float(best.data.params['delta_rel']):.3g}" in row["best_config"]
+        assert f"lr={float(best.data.params['lr']):.3g}" in row["best_config"]
+        assert int(row["final_runs"]) == 3
+    assert int(rows[("digits-ll", "LL-R")]["asha_stopped"]) == 2         # one tagged, one untagged
+    assert int(rows[("digits-ll", "LL-R")]["stop_drop"]) == 1           # not an ASHA stop
+    assert int(rows[("digits-ll", "LL-Ct")]["failed"]) == 1
+    assert rows[("digits-ll", "LL-Ct")]["best_config"] == "delta_rel=2.5, lr=0.001"
+    total = rows[("digits-ll", "all")]
+    assert int(total["trials"]) == len(trials) == 11
+    assert int(total["asha_stopped"]) == 4
+    assert float(total["epochs"]) == sum(r.data.metrics[T.EPOCHS_RUN] for r in trials)
+    md = (out / "sweeps.md").read_text()
+    assert "## digits-ll (digits, End-to-end)" in md and "asha_stopped" in md
+    # Table 1 for one experiment only: VOC cells are empty.
+    header, table = md_table(out / "table1.md")
+    assert table["LL-R"][header.index("End-to-end VOC") - 1] == "– · paper 89.2"
+
+
+def test_figures_written_and_readable(store, tmp_path):
+    uri, _ = store
+    out = tmp_path / "results"
+    res = A.aggregate(uri, None, out)
+    names = sorted(p.name for p in res.figures)
+    assert names == sorted(["digits-ll-val_map.png", "digits-ll-memorization.png",
+                            "voc-e2e-val_map.png", "voc-e2e-memorization.png",
+                            "voc-li-val_map.png", "voc-li-memorization.png", "table1_vs_paper.png"])
+    from PIL import Image
+    for p in res.figures:
+        assert p.parent == out / "figures"
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 300
+
+
+def test_openimages_table(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    rng = np.random.default_rng(3)
+    groups = {"test_map_g1": 77.0, "test_map_g2": 79.0, "test_map_g3": 81.9, "test_map_g4": 84.4,
+              "test_map_g5": 89.2}
+    specs = []
+    for scheme, shift in (("AN", -0.4), ("LL-R", 0.0)):
+        specs.append(RunSpec(scheme, epochs=3, val_map=curve(80, 3, rng)))
+        for seed in range(3):
+            g = {k: v + shift + 0.1 * seed for k, v in groups.items()}
+            specs.append(RunSpec(scheme, role=T.ROLE_FINAL, seed=seed, epochs=3, val_map=curve(80, 3, rng),
+                                 test_map=82.0 + shift + 0.2 * seed, extra_metrics=g))
+    write_sweep(client, "oi", "openimages", "end-to-end", specs)
+    out = tmp_path / "results"
+    res = A.aggregate(uri, None, out)
+    assert (out / "openimages.md").is_file() and (out / "openimages.csv").is_file()
+    rows = read_csv(out / "openimages.csv")
+    exp = client.get_experiment_by_name("oi")
+    finals = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(T.TAG_ROLE) == "final"]
+    header, table = md_table(out / "openimages.md")
+    assert header == ["method", "G1", "G2", "G3", "G4", "G5", "All"]
+    assert list(table) == ["AN", "LL-R", "LL-Ct", "LL-Cp"]
+    for r in rows:
+        vals = np.array([f.data.metrics[r["metric"]] for f in finals if f.data.tags[T.TAG_SCHEME] == r["method"]])
+        ref = paper.openimages(r["method"], r["group"])
+        assert int(r["n"]) == vals.size
+        cell = table[r["method"]][header.index(r["group"]) - 1]
+        assert cell == expected_cell(vals, ref)
+        if vals.size:
+            assert float(r["mean"]) == pytest.approx(vals.mean(), abs=1e-4)
+            assert float(r["std"]) == pytest.approx(vals.std(ddof=1), abs=1e-4)
+    assert "paper 77.7" in table["LL-Ct"][0] and table["LL-Ct"][0].startswith("–")
+    # OpenImages also gets a Table 1 column, without a paper number.
+    t1 = res.table1.set_index(["method", "dataset", "mode"])
+    assert t1.loc[("LL-R", "openimages", "end-to-end"), "n"] == 3
+
+
+def test_latest_experiment_wins_for_a_cell(store, tmp_path):
+    uri, client = store
+    later = int(time.time() * 1000) + 3_600_000
+    write_sweep(client, "digits-ll-again", "digits", "end-to-end",
+                [RunSpec("LL-R", val_map=[30, 40, 50, 52, 53])] + final_specs("LL-R", [52.0, 53.0]), t0=later)
+    out = tmp_path / "results"
+    res = A.aggregate(uri, None, out)
+    t1 = res.table1.set_index(["method", "dataset", "mode"])
+    cell = t1.loc[("LL-R", "digits", "end-to-end")]
+    assert cell["n"] == 2 and cell["mean"] == pytest.approx(52.5) and cell["experiment"] == "digits-ll-again"
+    assert t1.loc[("LL-Ct", "digits", "end-to-end"), "experiment"] == "digits-ll"
+    assert any("digits-ll-again" in n for n in res.notes)
+    assert "using the latest, 'digits-ll-again'" in (out / "table1.md").read_text()
+
+
+# --------------------------------------------------------------------------- nothing to aggregate
+
+def _cli(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "orchestration" / "aggregate.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_missing_store_writes_nothing_and_creates_no_db(tmp_path):
+    p = _cli("--out", "res", cwd=tmp_path)              # default URI: sqlite mlflow.db in cwd
+    assert p.returncode == 1
+    assert p.stderr.startswith(f"aggregate: no MLflow store at sqlite:///{tmp_path}/mlflow.db"), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "res").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_empty_store_unknown_and_unfinished_experiments(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.search_experiments()                               # creates the (empty) store
+    out = tmp_path / "res"
+    with pytest.raises(A.AggregateError, match="holds no sweep runs"):
+        A.aggregate(uri, None, out)
+    with pytest.raises(A.AggregateError, match=r"unknown experiment 'nope'.*experiments there: Default"):
+        A.aggregate(uri, ["nope"], out)
+    # An experiment whose only runs are still running or failed.
+    write_sweep(client, "stuck", "digits", "end-to-end",
+                [RunSpec("LL-R", val_map=[10.0], status="RUNNING", end_reason=None),
+                 RunSpec("AN", val_map=[10.0], status="FAILED", end_reason="failed: boom")])
+    with pytest.raises(A.AggregateError, match=r"experiment 'stuck' .* has no finished runs \(2 trial/final run\(s\): 1 (running|failed), 1 (running|failed)\)"):
+        A.aggregate(uri, ["stuck"], out)
+    with pytest.raises(A.AggregateError, match="holds sweep runs but none finished"):
+        A.aggregate(uri, None, out)
+    client.create_experiment("empty-sweep")
+    with pytest.raises(A.AggregateError, match=r"'empty-sweep' .* has no finished runs \(no trial or final runs\)"):
+        A.aggregate(uri, ["empty-sweep"], out)
+    assert not out.exists()
+
+    # The CLI: one line, exit 1, nothing written.
+    for args in (["--experiment", "nope"], ["--experiment", "stuck"], []):
+        p = _cli("--mlflow-uri", uri, "--out", str(out), *args, cwd=tmp_path)
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("aggregate: "), p.stderr
+    assert not out.exists()
+
+
+def test_cli_writes_tables(store, tmp_path):
+    uri, _ = store
+    out = tmp_path / "cli-out"
+    p = _cli("--mlflow-uri", uri, "--experiment", "voc-e2e", "--experiment", "voc-li",
+             "--out", str(out), "--no-figures", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "aggregated voc-e2e, voc-li" in p.stdout
+    assert sorted(x.name for x in out.iterdir()) == sorted(OUTPUTS)
+    header, table = md_table(out / "table1.md")
+    assert table["LL-R"][header.index("LinearInit VOC") - 1] == "89.50 ± 0.57 (n=2) · paper 89.4 · Δ +0.10"
+    assert "End-to-end digits" not in header                  # digits is not in these sweeps
+
+
+def test_only_trials_no_final_runs_writes_sweeps_but_no_table1(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    write_sweep(client, "search-only", "digits", "end-to-end",
+                [RunSpec("LL-R", val_map=[20.0, 30.0, 35.0]), RunSpec("AN", val_map=[20.0, 25.0],
+                                                                      end_reason="asha_stopped")])
+    out = tmp_path / "res"
+    res = A.aggregate(uri, None, out, figures=False)
+    assert res.table1 is None and not (out / "table1.md").exists()
+    assert (out / "sweeps.md").is_file()
+    assert any("table1 not written" in n for n in res.notes)
+
+
+def test_default_uri_is_mlflows_and_restored(store, tmp_path, monkeypatch):
+    from mlflow.tracking._tracking_service import utils as tu
+    uri, _ = store
+    monkeypatch.chdir(tmp_path)                                  # the store is tmp_path/mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tu, "_tracking_uri", None)
+    res = A.aggregate(None, ["voc-li"], "out", figures=False)    # MLflow's default: ./mlflow.db
+    assert res.experiments == ["voc-li"] and Path("out/table1.md").is_file()
+    assert tu._tracking_uri is None and "MLFLOW_TRACKING_URI" not in __import__("os").environ
+    other = f"sqlite:///{tmp_path}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    A.aggregate(uri, ["voc-li"], "out2", figures=False)
+    assert mlflow.get_tracking_uri() == other                    # the caller's setting is kept
+    assert tu._tracking_uri is None

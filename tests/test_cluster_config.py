@@ -1,0 +1,264 @@
+"""cluster.yaml and cluster.local.yaml, checked offline (no cloud account, no SSH).
+
+First Ray's own validation, as `ray up` runs it before launching anything; then
+what Ray lets through (typos inside `provider` and `node_config`, min > max
+workers, ports open to the internet) and what this project wants of its
+cluster (a head without trials, GPU workers that scale to zero, one install
+for both files, the AMI and the paths set in one place). docs/cluster.md is
+checked against the real `ray` CLI and sweep.py's options.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from tests import cluster_helpers as ch
+
+REPO = ch.REPO
+AWS = REPO / "cluster.yaml"
+LOCAL = REPO / "cluster.local.yaml"
+DOCS = REPO / "docs" / "cluster.md"
+
+
+@pytest.fixture(scope="module")
+def aws() -> dict:
+    return ch.load_yaml(AWS)
+
+
+@pytest.fixture(scope="module")
+def local() -> dict:
+    return ch.load_yaml(LOCAL)
+
+
+def check(cfg: dict) -> None:
+    """Ray's validation, then ours; raises on the first failing one."""
+    ch.ray_validate(cfg)
+    problems = ch.config_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _head_start(cfg: dict) -> str:
+    [cmd] = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+    return cmd
+
+
+def _worker_types(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+
+
+# --- both files pass Ray's validation and ours -------------------------------
+
+@pytest.mark.parametrize("path", [AWS, LOCAL], ids=["aws", "local"])
+def test_ray_accepts_the_file(path):
+    prepared = ch.ray_validate(ch.load_yaml(path))
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+@pytest.mark.parametrize("path", [AWS, LOCAL], ids=["aws", "local"])
+def test_no_problems_ray_does_not_check(path):
+    assert ch.config_problems(ch.load_yaml(path)) == []
+
+
+# --- our checks catch what Ray does not ---------------------------------------
+
+def _set(cfg, dotted, value):
+    *parents, last = dotted.split(".")
+    d = cfg
+    for p in parents:
+        d = d[p]
+    d[last] = value
+
+
+def _rename(cfg, dotted, new):
+    *parents, last = dotted.split(".")
+    d = cfg
+    for p in parents:
+        d = d[p]
+    d[new] = d.pop(last)
+
+
+# name: (mutation, who catches it, what the message names)
+MUTATIONS = {
+    "top-level max_worker": (lambda c: _rename(c, "max_workers", "max_worker"), "ray", "max_worker"),
+    "node type max_worker": (lambda c: _rename(c, "available_node_types.gpu_1x.max_workers", "max_worker"),
+                             "ray", "max_worker"),
+    "provider availablity_zone": (lambda c: _rename(c, "provider.availability_zone", "availablity_zone"),
+                                  "ours", "provider.availablity_zone"),
+    "provider regoin": (lambda c: _rename(c, "provider.region", "regoin"), "ours", "provider.regoin"),
+    "node_config InstanceTyp": (lambda c: _rename(c, "available_node_types.gpu_1x.node_config.InstanceType",
+                                                  "InstanceTyp"), "ours", "node_config.InstanceTyp"),
+    "node_config ImageID": (lambda c: _rename(c, "available_node_types.gpu_4x.node_config.ImageId", "ImageID"),
+                            "ours", "node_config.ImageID"),
+    "min_workers > max_workers": (lambda c: _set(c, "available_node_types.gpu_4x.min_workers", 3),
+                                  "ours", "min_workers 3 > max_workers 2"),
+    "type max above cluster max": (lambda c: _set(c, "available_node_types.gpu_1x.max_workers", 99),
+                                   "ours", "max_workers 99"),
+    "dashboard open to all": (lambda c: c["provider"].update(security_group={"IpPermissions": [
+        {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}),
+        "ours", "(8265, 8265)"),
+    "mlflow open to all (ipv6)": (lambda c: c["provider"].update(security_group={"IpPermissions": [
+        {"FromPort": 5000, "ToPort": 5000, "IpProtocol": "tcp", "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}]}),
+        "ours", "(5000, 5000)"),
+    "dashboard bound to 0.0.0.0": (lambda c: c["head_start_ray_commands"].__setitem__(
+        -1, _head_start(c).replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")),
+        "ours", "dashboard"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_a_broken_copy_fails_the_check(aws, name):
+    mutate, who, expected = MUTATIONS[name]
+    broken = copy.deepcopy(aws)
+    mutate(broken)
+    if who == "ours":  # Ray lets it through (see NOTES): only our check stands in the way
+        ch.ray_validate(broken)
+    with pytest.raises(Exception, match=re.escape(expected)):
+        check(broken)
+
+
+@pytest.mark.parametrize("key", ["worker_ip", "head_ipp"])
+def test_a_typo_in_the_local_provider_fails_the_check(local, key):
+    broken = copy.deepcopy(local)
+    broken["provider"][key] = broken["provider"].pop("worker_ips" if key == "worker_ip" else "head_ip")
+    with pytest.raises(Exception):
+        check(broken)
+
+
+def test_ssh_open_to_all_is_allowed(aws):
+    ok = copy.deepcopy(aws)
+    ok["provider"]["security_group"] = {"IpPermissions": [
+        {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
+    check(ok)
+
+
+# --- what this project wants of its AWS cluster -------------------------------
+
+def test_head_takes_no_trials(aws):
+    head = aws["available_node_types"][aws["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and head["resources"].get("GPU") == 0
+    assert "--num-cpus=0" in _head_start(aws)
+    assert "g" not in head["node_config"]["InstanceType"].split(".")[0], "the head is a CPU machine"
+
+
+def test_gpu_workers_scale_to_zero(aws):
+    workers = _worker_types(aws)
+    assert workers
+    gpus = sorted(w["resources"]["GPU"] for w in workers.values())
+    assert gpus[0] == 1 and gpus[-1] >= 4, f"want a 1-GPU and a 4- or 8-GPU type, got GPUs {gpus}"
+    for name, w in workers.items():
+        assert w.get("min_workers", 0) == 0, f"{name} must scale to zero"
+        assert w["max_workers"] >= 1
+        assert w["resources"]["CPU"] >= 4 * w["resources"]["GPU"], f"{name}: too few CPUs to feed the GPUs"
+    assert 0 < aws["idle_timeout_minutes"] <= 30
+    assert aws["provider"]["cache_stopped_nodes"] is False
+
+
+def test_one_ami_for_every_node(aws):
+    amis = {nt["node_config"]["ImageId"] for nt in aws["available_node_types"].values()}
+    assert len(amis) == 1 and next(iter(amis)).startswith("ami-")
+    code = "\n".join(line.split("#", 1)[0] for line in AWS.read_text().splitlines())
+    assert len(re.findall(r"\bami-[0-9a-f]+", code)) == 1, "set the AMI id in one place (a YAML anchor)"
+    assert "aws ssm get-parameter" in AWS.read_text(), "say how to look the current AMI up"
+
+
+def test_only_ssh_is_open(aws):
+    rules = aws["provider"].get("security_group", {}).get("IpPermissions", [])
+    assert all((r.get("FromPort"), r.get("ToPort")) == (22, 22) for r in rules)
+    for path in (AWS, LOCAL):
+        assert "0.0.0.0" not in path.read_text().replace("ListenAddress", "")
+
+
+def test_start_commands(aws, local):
+    for cfg in (aws, local):
+        head = _head_start(cfg)
+        flags = ch._ray_start_flags(head)
+        assert flags.get("port") == "6379"
+        assert flags.get("autoscaling-config") == "~/ray_bootstrap_config.yaml"
+        assert flags.get("dashboard-host") == "127.0.0.1"
+        assert cfg["head_start_ray_commands"][0] == "ray stop"
+        [worker] = [c for c in cfg["worker_start_ray_commands"] if "ray start" in c]
+        assert "--address=$RAY_HEAD_IP:6379" in worker
+    assert "--num-cpus" not in _head_start(local), "in a lab the head trains too"
+
+
+# --- the same install on every node of both files -----------------------------
+
+def test_both_files_install_the_same_way(aws, local):
+    for key in ("file_mounts", "rsync_exclude", "rsync_filter"):
+        assert aws[key] == local[key], key
+    assert all(cmd in aws["setup_commands"] for cmd in local["setup_commands"])
+    install = [c for c in aws["setup_commands"] if "scripts/setup.sh" in c]
+    assert len(install) == 1 and "cd ~/wsml && bash scripts/setup.sh" in install[0]
+    assert aws["head_start_ray_commands"][1:] != [] and local["head_start_ray_commands"][1:] != []
+
+
+@pytest.mark.parametrize("path", [AWS, LOCAL], ids=["aws", "local"])
+def test_paths_are_set_in_one_place(path):
+    cfg = ch.load_yaml(path)
+    cmds = cfg["setup_commands"] + cfg.get("head_setup_commands", []) + cfg.get("worker_setup_commands", [])
+    for var in ("WSML_SHARED", "WSML_DATA_ROOT", "WSML_STORAGE"):
+        setting = [c for c in cmds if f"export {var}=" in c]
+        assert len(setting) == 1, f"{var} must be set by exactly one setup command"
+    env_line = next(c for c in cmds if "export WSML_SHARED=" in c)
+    assert "wsml/.venv/bin:$PATH" in env_line, "the venv's bin must be on PATH for Ray's login shell"
+    assert env_line.count("/mnt/shared") == 1
+    text = path.read_text()
+    assert text.count("/mnt/shared") == 1, "the shared folder is named once; the rest uses $WSML_*"
+
+
+def test_file_mounts_carry_the_source_and_nothing_big(aws):
+    mounts = aws["file_mounts"]
+    sources = {Path(src).as_posix().removeprefix("./") for src in mounts.values()}
+    for remote, src in mounts.items():
+        assert remote.startswith("~/wsml/"), remote
+        assert remote.removeprefix("~/wsml/") == Path(src).as_posix().removeprefix("./")
+        assert (REPO / src).exists(), f"{src} is not in the repo"
+        assert Path(src).resolve() != Path(".").resolve() and src not in (".", "./")
+    packages = {d.name for d in REPO.iterdir()
+                if (d / "__init__.py").exists() and d.name != "tests"}
+    needed = packages | {"search_spaces", "scripts", "requirements.txt"}
+    assert needed <= sources, f"not copied to the nodes: {sorted(needed - sources)}"
+    assert ".venv" not in sources and "data" not in sources
+
+
+# --- docs/cluster.md only uses commands and options that exist ----------------
+
+def _doc_commands() -> list[str]:
+    return [ln.strip() for ln in DOCS.read_text().splitlines() if ln.strip().startswith("ray ")]
+
+
+def test_docs_ray_commands_parse():
+    from ray.scripts.scripts import cli
+
+    cmds = _doc_commands()
+    subs = {shlex.split(c)[1] for c in cmds}
+    assert {"up", "exec", "attach", "dashboard", "rsync-down", "down"} <= subs
+    for cmd in cmds:
+        argv = shlex.split(cmd)
+        assert argv[1] in cli.commands, cmd
+        assert argv[2] == "cluster.yaml", cmd
+        cli.commands[argv[1]].make_context(argv[1], argv[2:])  # raises on unknown options
+
+
+def test_docs_remote_commands_use_real_options():
+    sweep_src = (REPO / "orchestration" / "sweep.py").read_text()
+    download_src = (REPO / "wsml" / "data" / "download.py").read_text()
+    text = DOCS.read_text()
+    remote = [shlex.split(c)[3] for c in _doc_commands() if shlex.split(c)[1] == "exec"]
+    sweeps = [r for r in remote if "orchestration/sweep.py" in r]
+    assert any("--dataset cub" in s for s in sweeps) and any("--dataset digits" in s for s in sweeps)
+    for r in sweeps:
+        assert "--address auto" in r and '--storage "$WSML_STORAGE"' in r, r
+    opts = set(re.findall(r"(--[a-z][a-z-]+)", " ".join(sweeps)))
+    prose = set(re.findall(r"`(--[a-z][a-z-]+)`", text))
+    for opt in opts | (prose - {"--tmux", "--address", "--help"}):
+        assert f'"{opt}"' in sweep_src, f"docs use {opt}, which orchestration/sweep.py does not have"
+    downloads = [r for r in remote if "wsml.data.download" in r]
+    assert downloads
+    for opt in set(re.findall(r"(--[a-z][a-z-]+)", " ".join(downloads))):
+        assert f'"{opt}"' in download_src, opt

@@ -1,0 +1,183 @@
+"""Typed configuration of one training run.
+
+`TrainConfig.resolve()` fills every field left as None with the defaults of
+the data set (the paper's settings for benchmarks, CPU-sized ones for the
+built-in `digits`) and validates the result, so bad values fail before any
+data is read or any GPU time is spent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from wsml.errors import ConfigError
+
+LL_SCHEMES = ("LL-R", "LL-Ct", "LL-Cp")
+BASELINES = ("full", "AN", "WAN", "LSAN", "EPR", "ROLE")
+SCHEMES = BASELINES + LL_SCHEMES
+MODES = ("end-to-end", "linear-init")
+DATASETS = ("digits", "pascal", "coco", "nuswide", "cub", "openimages")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+# Expected positives per image used by EPR and ROLE (DESIGN section 3); any
+# other data set uses the mean over its training labels.
+EXPECTED_POSITIVES = {"pascal": 1.5, "coco": 2.9, "nuswide": 1.9, "cub": 31.4}
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    arch: str
+    weights: str
+    image_size: int
+    batch_size: int
+    epochs: int
+    lr: float
+    delta_rel: float
+    linear_init_epochs: int
+    linear_init_lr: float
+    linear_init_batch_size: int
+
+
+# The paper: ResNet-50 from ImageNet, 448 px, batch 16, Adam lr 1e-5, 10 epochs;
+# LinearInit head training as in the earlier single-positive work (25 epochs,
+# lr 1e-4). `digits`: a small CNN from scratch that shows the effect on a CPU
+# in minutes; false negatives are ~15 % of entries there, so delta_rel is larger.
+_BENCHMARK = DatasetDefaults(arch="resnet50", weights="imagenet", image_size=448, batch_size=16,
+                             epochs=10, lr=1e-5, delta_rel=0.2, linear_init_epochs=25,
+                             linear_init_lr=1e-4, linear_init_batch_size=16)
+DEFAULTS = {name: _BENCHMARK for name in DATASETS if name != "digits"}
+DEFAULTS["digits"] = DatasetDefaults(arch="smallcnn", weights="none", image_size=32, batch_size=32,
+                                     epochs=10, lr=1e-3, delta_rel=2.0, linear_init_epochs=5,
+                                     linear_init_lr=1e-2, linear_init_batch_size=64)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one run; `None` means "the data set's default"."""
+
+    dataset: str = "digits"
+    scheme: str = "LL-R"
+    delta_rel: float | None = None        # percent of the batch's entries per epoch
+    lr: float | None = None               # backbone learning rate (Adam)
+    lr_head_mult: float = 10.0            # the linear head's lr = lr * lr_head_mult
+    epochs: int | None = None
+    batch_size: int | None = None
+    mode: str = "end-to-end"
+    weights: str | None = None            # "imagenet", "none" or a local file path
+    arch: str | None = None               # "resnet50" or "smallcnn"
+    image_size: int | None = None
+    data_root: str | None = None          # default data/<dataset>
+    cache_dir: str | None = None          # decoded-image and feature cache; default .cache/
+    seed: int = 0                         # training seed (init, shuffling, flips)
+    obs_seed: int = 1200                  # which positive stays observed (paper: 1200)
+    split_seed: int = 1200                # train/validation split (paper: 1200)
+    val_frac: float = 0.2
+    device: str = "auto"                  # "auto", "cpu", "cuda" or "cuda:N"
+    precision: str = "auto"               # bf16 on CUDA, fp32 on CPU when "auto"
+    channels_last: bool = True            # only applied on CUDA
+    num_workers: int = 2
+    stop_drop: float | None = 3.0         # stop once val mAP falls this far below its best
+    expected_positives: float | None = None
+    linear_init_epochs: int | None = None
+    linear_init_lr: float | None = None
+    linear_init_batch_size: int | None = None
+    skip_bad_images: bool = False
+    max_train_images: int | None = None   # subsample for quick checks
+
+    def resolve(self) -> "TrainConfig":
+        """Return a copy with data-set defaults filled in, validated."""
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown data set {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        d = DEFAULTS[self.dataset]
+        filled = {f.name: getattr(d, f.name) for f in fields(d)
+                  if getattr(self, f.name, None) is None}
+        if self.data_root is None:
+            filled["data_root"] = f"data/{self.dataset}"
+        if self.cache_dir is None:
+            filled["cache_dir"] = ".cache"
+        cfg = replace(self, **filled)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ConfigError(f"invalid {name}={getattr(self, name)!r}: {why}")
+
+        if self.scheme not in SCHEMES:
+            bad("scheme", f"choose one of {', '.join(SCHEMES)}")
+        if self.mode not in MODES:
+            bad("mode", f"choose one of {', '.join(MODES)}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"choose one of {', '.join(PRECISIONS)}")
+        if self.arch not in ("resnet50", "smallcnn"):
+            bad("arch", "choose resnet50 or smallcnn")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            bad("device", "choose auto, cpu, cuda or cuda:N")
+        for name in ("delta_rel",):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 100):
+                bad(name, "a percentage between 0 and 100 (the paper uses 0.1 to 0.5)")
+        for name in ("lr", "lr_head_mult", "linear_init_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                bad(name, "a positive number")
+        for name in ("epochs", "batch_size", "image_size", "linear_init_epochs", "linear_init_batch_size"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                bad(name, "a positive integer")
+        if self.num_workers < 0:
+            bad("num_workers", "0 or more")
+        if not 0 < self.val_frac < 1:
+            bad("val_frac", "a fraction between 0 and 1")
+        if self.stop_drop is not None and not self.stop_drop > 0:
+            bad("stop_drop", "a positive number of mAP points, or None to disable")
+        if self.expected_positives is not None and not self.expected_positives > 0:
+            bad("expected_positives", "a positive number")
+        if self.max_train_images is not None and self.max_train_images < 1:
+            bad("max_train_images", "a positive integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: known keys are {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+@dataclass
+class EpochReport:
+    """What the trainer tells its caller after every epoch (1-based `epoch`)."""
+
+    epoch: int
+    val_map: float
+    train_loss: float
+    modified_frac: float            # modified entries / all label entries seen this epoch
+    modified_true_pos_frac: float   # of the modified entries, the fraction truly positive (nan if none)
+    clean_rate: float
+    best_val_map: float
+    best_epoch: int
+    test_map_at_best: float | None  # test mAP of the best-validation epoch so far
+    epoch_seconds: float
+    images_per_s: float
+    stop: bool = False              # the trainer's own stop rule fired (val mAP dropped)
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "stop" and v is not None}
+        return out
+
+
+@dataclass
+class RunResult:
+    test_map: float
+    best_val_map: float
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    empty_test_classes: int = 0     # classes with no positive in the test set (AP 0 as published)
+    stopped_early: bool = False

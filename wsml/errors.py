@@ -1,0 +1,21 @@
+"""Errors the trainer raises for bad input; each message is one line naming the problem and the fix."""
+
+
+class WSMLError(Exception):
+    """Base class: command-line layers print `str(err)` and exit non-zero."""
+
+
+class ConfigError(WSMLError, ValueError):
+    """A configuration value is invalid."""
+
+
+class DataError(WSMLError):
+    """A data set on disk is missing, malformed or holds an unreadable file."""
+
+
+class CheckpointError(WSMLError):
+    """A checkpoint is missing, truncated or does not match the run."""
+
+
+class TrainingDiverged(WSMLError):
+    """The training loss became NaN or infinite."""
