@@ -112,7 +112,7 @@ def plot_val_map(sweep: str, trials: pd.DataFrame, history: History):
 
 def plot_memorization(sweep: str, best: pd.DataFrame, history: History):
     """modified_true_pos_frac and modified_frac per epoch for the best trial of each scheme."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
     drawn = 0
     for _, run in best.iterrows():
         tp = history(run["run_id"], T.MODIFIED_TRUE_POS_FRAC)

@@ -89,7 +89,7 @@ def run_final(*, name: str, storage: str, trainable, param_space: dict[str, Any]
     tuner = tune.Tuner(
         trainable,
         param_space={**param_space, "point": tune.grid_search(points)},
-        tune_config=tune.TuneConfig(metric="val_map", mode="max", num_samples=1),
+        tune_config=tune.TuneConfig(metric="val_map", mode="max", num_samples=1, reuse_actors=True),
         run_config=tune.RunConfig(
             name=final_name, storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=max_failures),

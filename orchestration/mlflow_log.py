@@ -118,7 +118,7 @@ def _check_writable_file(path: Path, uri: str) -> None:
             raise TrackingError(f"MLflow store {uri} is not a writable file: pass another --mlflow-uri")
         return
     base = _nearest_existing(path.parent)
-    if base != path.parent or not os.access(base, os.W_OK):
+    if base != path.parent or not base.is_dir() or not os.access(base, os.W_OK):
         raise TrackingError(f"MLflow store {uri}: folder {path.parent} does not exist or is not writable: "
                             "create it or pass another --mlflow-uri")
 

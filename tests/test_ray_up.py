@@ -26,6 +26,7 @@ import re
 import shlex
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -242,16 +243,35 @@ def _head_logs(r: Rig) -> str:
 
 
 def _smoke_sweep(r: Rig) -> None:
-    """The smoke sweep of docs/cluster.md, word for word."""
+    """The smoke sweep of docs/cluster.md, word for word, then its results fetched
+    with the docs' `ray rsync-down` commands (into the temp folder, not the repo)."""
     sweep_cmd = docs_command(r"sweep\.py --dataset digits")
-    sweep = r.ray(for_yaml(sweep_cmd, r.yaml_path), timeout=360)
-    assert sweep.returncode == 0, (
-        f"sweep failed (rc {sweep.returncode}):\n{sweep.stdout[-8000:]}\n{sweep.stderr[-3000:]}")
     sweep_name = re.search(r"--name (\S+)", sweep_cmd).group(1).strip("'\"")
+    samples = int(re.search(r"--num-samples (\d+)", sweep_cmd).group(1))
+    sweep = r.ray(for_yaml(sweep_cmd, r.yaml_path), timeout=360)
+    out = sweep.stdout + sweep.stderr
+    assert sweep.returncode == 0, f"sweep failed (rc {sweep.returncode}):\n{out[-10000:]}"
+    assert sweep_name in out
+
+    # Ray Tune's results went to the shared folder of the one setup line.
     results = r.shared / "ray_results" / sweep_name
-    assert results.is_dir(), (f"no Ray Tune results in {results}; shared has "
-                              f"{sorted(p.name for p in r.shared.rglob('*'))[:50]}")
-    assert (Path(r.user.pw_dir) / "wsml" / "mlflow.db").exists(), "no MLflow store on the head"
+    trials = [p for p in results.glob("*") if p.is_dir()] if results.is_dir() else []
+    assert len(trials) >= samples, (f"want {samples} trial folders in {results}; shared has "
+                                    f"{sorted(str(p.relative_to(r.shared)) for p in r.shared.rglob('*'))[:40]}")
+
+    # Fetch results/ and the MLflow store as docs/cluster.md says.
+    fetched = r.tmp / "fetched"
+    fetched.mkdir()
+    for pattern, target in ((r"rsync-down .*results/", fetched / "results"),
+                            (r"rsync-down .*mlflow\.db", fetched / "mlflow.db")):
+        argv = for_yaml(docs_command(pattern), r.yaml_path)
+        argv[-1] = str(target) + ("/" if argv[-1].endswith("/") else "")
+        got = r.ray(argv, timeout=120)
+        assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
+    assert any((fetched / "results").iterdir()), "ray rsync-down fetched no results/"
+    with sqlite3.connect(fetched / "mlflow.db") as db:
+        runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
+    assert runs >= samples, f"MLflow store on the head has {runs} runs, want >= {samples}"
 
 
 @pytest.mark.timeout(600)
@@ -285,10 +305,8 @@ def test_ray_up_sweep_ray_down(rig: Rig):
     status = r.ray(for_yaml(docs_command(r"'ray status'"), r.yaml_path), timeout=120)
     assert status.returncode == 0 and "Node status" in status.stdout, status.stdout[-4000:]
 
-    # The smoke sweep of docs/cluster.md, word for word.
     t1 = time.monotonic()
-    if not os.environ.get("WSML_DEV_SKIP_SWEEP"):  # TEMP
-        _smoke_sweep(r)
+    _smoke_sweep(r)
     t_sweep = time.monotonic() - t1
 
     t2 = time.monotonic()

@@ -149,3 +149,18 @@ def test_cli_bad_input_one_line_no_output(tmp_path):
     missing = _cli("--dataset", "pascal", "--data-root", str(tmp_path / "nope"), "--weights", "none",
                    "--out", str(out))
     assert missing.returncode == 2 and "error:" in missing.stderr and not (out / "metrics.json").exists()
+
+
+def test_benchmark_path_prepared_voc_through_image_cache(tmp_path):
+    """Official VOC layout -> prepare -> protocol split + single positives -> image cache -> ResNet-50 run."""
+    from tests.fixtures_official import make_voc
+    from wsml.data.prepare import prepare
+
+    make_voc(tmp_path / "raw")
+    prepare("pascal", tmp_path / "raw", tmp_path / "pascal")
+    cfg = TrainConfig(dataset="pascal", data_root=str(tmp_path / "pascal"), cache_dir=str(tmp_path / "cache"),
+                      weights="none", image_size=32, epochs=2, batch_size=4, scheme="LL-R", delta_rel=10.0,
+                      device="cpu", num_workers=0, val_frac=0.34)
+    result = run(cfg, log=None)
+    assert len(result.history) == 2 and 0 <= result.test_map <= 100
+    assert list((tmp_path / "cache" / "images").iterdir())   # decoded once, into the shared cache

@@ -77,6 +77,7 @@ class TrainConfig:
     device: str = "auto"                  # "auto", "cpu", "cuda" or "cuda:N"
     precision: str = "auto"               # bf16 on CUDA, fp32 on CPU when "auto"
     channels_last: bool = True            # only applied on CUDA
+    cuda_graph: bool = False              # capture the whole training step as one CUDA graph
     num_workers: int = 2
     stop_drop: float | None = 3.0         # stop once val mAP falls this far below its best
     expected_positives: float | None = None

@@ -73,6 +73,8 @@ class Trainer:
         self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
                          else nullcontext())
         self.channels_last = cfg.channels_last and cuda
+        if cuda:
+            torch.backends.cudnn.benchmark = True   # fixed input sizes: pick the fastest kernels once
         self.pin = cuda
         torch.manual_seed(cfg.seed)
         self.model: Classifier = build_model(cfg.arch, data.num_classes, cfg.weights).to(device)
@@ -86,6 +88,8 @@ class Trainer:
         if cfg.scheme == "ROLE":
             g = torch.Generator().manual_seed(cfg.seed)
             self.estimator = nn.Parameter(init_role_estimator(self.observed.cpu(), g).to(device))
+        self.use_graph = cfg.cuda_graph and device.type == "cuda"
+        self._graph_warm = False
         self.optimizer = self._optimizer(cfg.lr)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -97,7 +101,8 @@ class Trainer:
                   {"params": self.model.head.parameters(), "lr": head_lr}]
         if self.estimator is not None:
             groups.append({"params": [self.estimator], "lr": head_lr})
-        return torch.optim.Adam(groups)
+        # capturable keeps Adam's step counters on the GPU so a CUDA graph can replay them
+        return torch.optim.Adam(groups, capturable=self.use_graph)
 
     # -- input pipeline -------------------------------------------------
     def _loader(self, images, batches: list[np.ndarray]):
@@ -187,26 +192,20 @@ class Trainer:
         zero = torch.zeros((), device=self.device)
         loss_sum, modified, modified_pos = zero.clone(), zero.clone(), zero.clone()
         start = time.perf_counter()
+        graph = None
         for b, (index, images) in enumerate(self._loader(self.data.train.images, batches)):
             flip = flips[b * cfg.batch_size: b * cfg.batch_size + len(index)]
             x = self._to_input(images, flip)
             index = index.to(self.device, non_blocking=True)
-            observed = self.observed[index]
-            complete = self.complete[index]
-            with self.autocast:
-                logits = self.model(x)
-            est = self.estimator[index] if self.estimator is not None else None
-            out = scheme_loss(cfg.scheme, logits, observed, complete, epoch, cfg.delta_rel,
-                              self.data.expected_positives, est)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self.optimizer.step()
-            loss_sum += out.loss.detach() * len(index)
-            modified += out.selected.sum()
-            modified_pos += (out.selected & (complete == 1)).sum()
-            if cfg.scheme == "LL-Cp":
-                # permanent correction: an observed positive from now on, no longer a candidate
-                self.observed[index] = torch.where(out.selected, torch.ones_like(observed), observed)
+            if self.use_graph and len(index) == cfg.batch_size:
+                graph = graph or _GraphedStep(self, epoch, x, index, warmup=not self._graph_warm)
+                self._graph_warm = True
+                loss, selected, complete = graph(x, index)
+            else:
+                loss, selected, complete = self._step(x, index, epoch)
+            loss_sum += loss * len(index)
+            modified += selected.sum()
+            modified_pos += (selected & (complete == 1)).sum()
         seconds = time.perf_counter() - start
         loss = float(loss_sum) / n
         if not math.isfinite(loss):
@@ -216,6 +215,24 @@ class Trainer:
         return {"train_loss": loss, "modified_frac": modified / (n * self.data.num_classes),
                 "modified_true_pos_frac": modified_pos / modified if modified else math.nan,
                 "train_seconds": seconds, "images_per_s": n / seconds}
+
+    def _step(self, x: torch.Tensor, index: torch.Tensor, epoch: int):
+        """Forward, the scheme's loss, backward, optimizer step; LL-Cp writes its flips."""
+        cfg = self.cfg
+        observed = self.observed[index]
+        complete = self.complete[index]
+        with self.autocast:
+            logits = self.model(x)
+        est = self.estimator[index] if self.estimator is not None else None
+        out = scheme_loss(cfg.scheme, logits, observed, complete, epoch, cfg.delta_rel,
+                          self.data.expected_positives, est)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        if cfg.scheme == "LL-Cp":
+            # permanent correction: an observed positive from now on, no longer a candidate
+            self.observed[index] = torch.where(out.selected, torch.ones_like(observed), observed)
+        return out.loss.detach(), out.selected, complete
 
     # -- state -----------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
@@ -247,6 +264,41 @@ class Trainer:
         torch.set_rng_state(state["rng_torch"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+
+
+class _GraphedStep:
+    """`Trainer._step` captured once per epoch as one CUDA graph (k changes per epoch).
+
+    Shapes are static (full batches; the top-k is a sort and a mask), so each
+    replay does exactly what the eager step does. The first capture of a run is
+    preceded by three real eager steps on a side stream, as CUDA graph capture
+    requires; they are training steps like any other.
+    """
+
+    def __init__(self, trainer: Trainer, epoch: int, x: torch.Tensor, index: torch.Tensor, warmup: bool):
+        self.trainer, self.epoch = trainer, epoch
+        self.x, self.index = x.clone(), index.clone()
+        self.pending_warmup = 3 if warmup else 0
+        self.graph = None
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor):
+        if self.pending_warmup:
+            self.pending_warmup -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self.trainer._step(x, index, self.epoch)
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        self.x.copy_(x, non_blocking=True)
+        self.index.copy_(index, non_blocking=True)
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            self.trainer.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.trainer._step(self.x, self.index, self.epoch)
+        self.graph.replay()
+        return self.outputs
 
 
 def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, resume_state: dict | None = None,
@@ -330,6 +382,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), bf16 or fp32")
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cuda-graph", action="store_true", help="capture each training step as one CUDA graph")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
     p.add_argument("--max-train-images", type=int, help="train on the first N images only (quick checks)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt and metrics.json; rerun to resume")
@@ -343,7 +396,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         linear_init_epochs=args.linear_init_epochs, weights=args.weights, arch=args.arch,
         image_size=args.image_size, data_root=args.data_root, cache_dir=args.cache_dir, seed=args.seed,
         obs_seed=args.obs_seed, device=args.device, precision=args.precision, num_workers=args.num_workers,
-        skip_bad_images=args.skip_bad_images, max_train_images=args.max_train_images).resolve()
+        skip_bad_images=args.skip_bad_images, cuda_graph=args.cuda_graph, max_train_images=args.max_train_images).resolve()
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:

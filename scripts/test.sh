@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv on a fresh machine if needed, then run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
+exec .venv/bin/python -m pytest "$@"
