@@ -35,7 +35,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -651,7 +651,10 @@ def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = Non
                 cache[(run_id, key)] = sorted((int(m.step), float(m.value)) for m in ms)
             return cache[(run_id, key)]
 
-        figs = F.render_figures(runs, result.table1, sw, history)
+        try:
+            figs = F.render_figures(runs, result.table1, sw, history)
+        except Exception as err:  # noqa: BLE001 - the tables are still worth writing
+            notes.append(f"figures not drawn: {type(err).__name__}: {_first_line(err)}")
 
     for name, text in outputs:
         result.files.append(atomic_write(out / name, text))

@@ -254,9 +254,42 @@ def test_sweep_runs_in_the_mlflow_ui(mlflow_server, browser, tmp_path):
     assert names[trial_ids[2]] not in text                      # only the two compared runs
     _close_assistant(d)
     _shot(d, "compare.png")
-    for heading, shot in (("Run details", "compare-details.png"), ("Metrics", "compare-metrics.png")):
-        found = d.find_elements(By.XPATH, f"//*[normalize-space(text())='{heading}']")
-        if found:
-            d.execute_script("arguments[0].scrollIntoView({block: 'start'});", found[-1])
-            _shot(d, shot)
+    details = d.find_elements(By.XPATH, "//*[normalize-space(text())='Run details']")
+    if details:
+        d.execute_script("arguments[0].scrollIntoView({block: 'start'});", details[-1])
+        _shot(d, "compare-details.png")
+
+    # The val_map row of the compare view's Metrics table holds both runs' values, in run order.
+    values = poll("the val_map row of the Metrics table", lambda: _metric_row(d, "val_map"),
+                  on_timeout=fail("timeout-compare-metrics.png"))
+    assert [float(v) for v in values] == [pytest.approx(last_val[r], abs=0.006) for r in pair]
     assert time.monotonic() - t_start < 240
+
+
+_ROW_JS = """
+const box = arguments[0], key = arguments[1];
+const grids = [...box.querySelectorAll('.ReactVirtualized__Grid')];
+const cells = grids.map(g => [...g.querySelectorAll('.ReactVirtualized__Grid__innerScrollContainer > *')]);
+const name = cells[0].find(c => c.textContent.trim() === key);
+if (!name) return null;
+const row = cells.slice(1).flat().filter(c => c.style.top === name.style.top);
+return row.length ? row.map(c => c.textContent.trim()) : null;
+"""
+
+
+def _metric_row(driver, key: str) -> list[str] | None:
+    """Values of metric `key` in the compare view's Metrics table (a virtualised grid: the
+    metric names in one grid, the values in another, rows matched by their offset)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+    link = [a for a in driver.find_elements(By.CSS_SELECTOR, "a[title='Plot chart']")
+            if a.get_attribute("textContent").strip() == key][0]
+    box = link.find_element(By.XPATH, "./ancestor::*[contains(@class,'collapse-content-box')][1]")
+    row = driver.execute_script(_ROW_JS, box, key)
+    if row:
+        return row
+    values_grid = box.find_elements(By.CSS_SELECTOR, ".ReactVirtualized__Grid")[-1]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", values_grid)
+    ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(values_grid), 0, 400).perform()
+    return None

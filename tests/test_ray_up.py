@@ -8,10 +8,13 @@ docs/cluster.md: `ray up`, `ray exec ... 'ray status'`, the digits smoke
 sweep, `ray down`.
 
 Why a dedicated user: `ray stop`, which `ray up` and `ray down` run on the head,
-stops every Ray process of the user it runs as. As `wsmlray` it cannot touch
-the Ray processes of anybody else on the machine (other tests run Ray as root
-at the same time). Ray's files go to this test's own temp folder (RAY_TMPDIR)
-and every port Ray would take by default is a free one picked here.
+kills every Ray process on the machine it is allowed to signal (as root: all
+of them; seen here: it tries root's too and gets "Could not terminate"). As the
+unprivileged `wsmlray` it can stop only this test's Ray, while other tests run
+Ray as root beside it. Ray's files go to this test's own temp folder
+(RAY_TMPDIR, so `--address auto` finds this cluster) and every port Ray would
+take by default is a free one picked here. Set WSML_KEEP_RAY_UP_TMP=1 to keep
+the temp folder (commands.log, the head's Ray logs) for a look afterwards.
 
 Needs root (to add the user and start sshd) and the Debian packages
 openssh-server, rsync and netcat-openbsd.

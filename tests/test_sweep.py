@@ -220,7 +220,7 @@ def test_resume_after_driver_killed(tmp_path, ray_address):
         deadline = time.time() + 300
         while time.time() < deadline:
             rows = sum(len(Path(f).read_text().splitlines()) for f in glob.glob(str(exp_dir / "*/result.json")))
-            if rows >= 4:
+            if rows >= 5:
                 break
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.5)
@@ -244,6 +244,8 @@ def test_resume_after_driver_killed(tmp_path, ray_address):
     [parent] = runs["sweep"]
     assert parent.info.status == "FINISHED" and parent.data.tags.get("wsml.resumed") == "1"
     children = runs["trial"]
+    # trials that were running when the driver died continued from their checkpoints
+    assert any(int(c.data.tags.get("wsml.restored_from_epoch", "0")) >= 1 for c in children)
     ids = [c.data.tags["wsml.trial_id"] for c in children]
     assert len(ids) == len(set(ids)) == len(trials)           # no duplicates
     assert set(ids) == set(trials)

@@ -49,7 +49,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class _BatchReader(torch.utils.data.Dataset):
-    """Reads whole batches of uint8 images by index (sorted reads from a memmap)."""
+    """Reads whole batches of uint8 images by (sorted) index: one sequential memmap read per batch."""
 
     def __init__(self, images, batches: list[np.ndarray]):
         self.images, self.batches = images, batches
@@ -59,10 +59,7 @@ class _BatchReader(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         index = self.batches[i]
-        order = np.argsort(index, kind="stable")
-        out = np.empty((len(index),) + tuple(self.images.shape[1:]), dtype=np.uint8)
-        out[order] = self.images[index[order]]
-        return torch.from_numpy(index), torch.from_numpy(out)
+        return torch.from_numpy(index), torch.from_numpy(np.ascontiguousarray(self.images[index]))
 
 
 class Trainer:
@@ -187,7 +184,8 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)   # resumable without RNG state
         perm = torch.randperm(n, generator=g).numpy()
         flips = torch.rand(n, generator=g) < 0.5
-        batches = [perm[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        # sorted within a batch: the memmap is read in order, labels are looked up by index anyway
+        batches = [np.sort(perm[i:i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
         self.model.train()
         zero = torch.zeros((), device=self.device)
         loss_sum, modified, modified_pos = zero.clone(), zero.clone(), zero.clone()
