@@ -1,0 +1,278 @@
+"""The published on-disk layout of a prepared data set, plus our `meta.json`.
+
+A prepared folder holds, as the published code writes them:
+
+    formatted_train_images.npy   (N_train,) unicode image paths
+    formatted_train_labels.npy   (N_train, C) labels in {-1, 0, 1}
+    formatted_val_images.npy     (N_val,)
+    formatted_val_labels.npy     (N_val, C)
+    formatted_train_labels_obs.npy   optional, (N_train, C) observed labels
+
+and our `meta.json`: `dataset`, `class_names`, `num_classes` and `image_root`,
+the absolute folder the image paths are relative to.  "train" and "val" are the
+OFFICIAL splits: the trainer carves 20 % of official train into validation and
+uses official val as the test set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from wsml.errors import DataError
+
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+OBS_FILE = "formatted_train_labels_obs.npy"
+PREPARE_HINT = "run `python -m wsml.data.prepare <dataset> --source RAW_DIR --dest OUT_DIR`"
+
+
+def images_file(split: str) -> str:
+    return f"formatted_{split}_images.npy"
+
+
+def labels_file(split: str) -> str:
+    return f"formatted_{split}_labels.npy"
+
+
+# Every file this layout may hold: only a folder holding nothing else may be replaced.
+OWN_FILES = frozenset([META_FILE, OBS_FILE] + [f(s) for s in SPLITS for f in (images_file, labels_file)])
+
+
+@dataclass(frozen=True)
+class Formatted:
+    """One prepared data set, official splits; image paths are absolute."""
+
+    dataset: str
+    class_names: list[str]
+    image_root: Path
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    train_labels_obs: np.ndarray | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _check_labels(name: str, labels: np.ndarray) -> np.ndarray:
+    """Validate one label matrix and return it as int8; `name` is the file it comes from."""
+    if labels.ndim != 2:
+        raise DataError(f"{name} has shape {labels.shape}, expected 2-D (images, classes); rebuild it ({PREPARE_HINT})")
+    if labels.dtype.kind not in "biuf":
+        raise DataError(f"{name} holds {labels.dtype} values, expected numbers -1, 0 or 1; rebuild it ({PREPARE_HINT})")
+    bad = ~np.isin(labels, (-1, 0, 1))
+    if bad.any():
+        value = labels[bad][0].item()
+        raise DataError(
+            f"{name} holds value {value} in {int(bad.sum())} cell(s); labels must be -1, 0 or 1; rebuild it ({PREPARE_HINT})"
+        )
+    return labels.astype(np.int8)
+
+
+def _check_images(name: str, images: np.ndarray, rows: int, labels_name: str) -> np.ndarray:
+    if images.ndim != 1 or images.dtype.kind != "U":
+        raise DataError(
+            f"{name} must be a 1-D unicode string array, got {images.dtype} with shape {images.shape}; "
+            f"save it with np.save(path, np.asarray(paths, dtype=str))"
+        )
+    if len(images) != rows:
+        raise DataError(f"{name} lists {len(images)} images but {labels_name} has {rows} rows; rebuild both ({PREPARE_HINT})")
+    return images
+
+
+def _check_set(
+    arrays: dict[str, np.ndarray], class_names: list[str] | None, folder: Path | None = None
+) -> dict[str, np.ndarray]:
+    """Validate all arrays of one data set together; keys are file names; None skips the names check.
+
+    Errors name the file inside `folder` when the arrays were read from one.
+    """
+
+    def shown(name: str) -> str:
+        return str(folder / name) if folder is not None else name
+
+    out = {}
+    for split in SPLITS:
+        labels = _check_labels(shown(labels_file(split)), arrays[labels_file(split)])
+        out[labels_file(split)] = labels
+        images = arrays[images_file(split)]
+        out[images_file(split)] = _check_images(shown(images_file(split)), images, len(labels), labels_file(split))
+    obs = arrays.get(OBS_FILE)
+    if obs is not None:
+        out[OBS_FILE] = _check_labels(shown(OBS_FILE), obs)
+        if out[OBS_FILE].shape != out[labels_file("train")].shape:
+            raise DataError(
+                f"{shown(OBS_FILE)} has shape {out[OBS_FILE].shape} but {labels_file('train')} has "
+                f"{out[labels_file('train')].shape}; regenerate the observed labels from these labels"
+            )
+    num_classes = out[labels_file("train")].shape[1]
+    if out[labels_file("val")].shape[1] != num_classes:
+        raise DataError(
+            f"{shown(labels_file('train'))} has {num_classes} classes but {labels_file('val')} has "
+            f"{out[labels_file('val')].shape[1]}; rebuild both ({PREPARE_HINT})"
+        )
+    if class_names is not None and len(class_names) != num_classes:
+        raise DataError(f"{len(class_names)} class names given for {num_classes} label columns; pass one name per column")
+    return out
+
+
+def write_formatted(
+    dest,
+    *,
+    dataset: str,
+    class_names,
+    image_root,
+    train_images,
+    train_labels,
+    val_images,
+    val_labels,
+    train_labels_obs=None,
+) -> None:
+    """Validate and write one data set to `dest`, atomically.
+
+    Image paths must be relative to `image_root`.  Everything is written into a
+    temporary folder beside `dest` and renamed into place, so `dest` is either
+    the old complete data set or the new complete one, never half of either.
+    """
+    dest = Path(dest).absolute()
+    class_names = [str(c) for c in class_names]
+    arrays = {
+        images_file("train"): np.asarray(train_images, dtype=str),
+        labels_file("train"): np.asarray(train_labels),
+        images_file("val"): np.asarray(val_images, dtype=str),
+        labels_file("val"): np.asarray(val_labels),
+    }
+    if train_labels_obs is not None:
+        arrays[OBS_FILE] = np.asarray(train_labels_obs)
+    arrays = _check_set(arrays, class_names)
+    for split in SPLITS:
+        for path in arrays[images_file(split)].tolist():
+            pure = PurePosixPath(path)
+            if pure.is_absolute() or ".." in pure.parts or not path:
+                raise DataError(
+                    f"image path {path!r} must be relative to image_root without '..'; store paths relative to {image_root}"
+                )
+    if dest.exists() and not dest.is_dir():
+        raise DataError(f"{dest} exists and is not a folder; choose a new --dest")
+    if dest.is_dir():
+        foreign = sorted(p.name for p in dest.iterdir() if p.name not in OWN_FILES)
+        if foreign:
+            raise DataError(
+                f"{dest} holds other files ({foreign[0]}, ...); choose an empty or new --dest, it is replaced as a whole"
+            )
+    meta = {
+        "dataset": dataset,
+        "class_names": class_names,
+        "num_classes": len(class_names),
+        "image_root": str(Path(image_root).resolve()),
+    }
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # not mkdtemp: its 0700 mode would stay on dest and hide the data from other users of shared storage
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        for name, array in arrays.items():
+            np.save(tmp / name, array, allow_pickle=False)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / "data")
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                os.replace(old / "data", dest)  # put the old data set back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _load(root: Path, name: str) -> np.ndarray:
+    path = root / name
+    if not path.is_file():
+        raise DataError(f"{path} is missing; {PREPARE_HINT}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise DataError(
+                f"{path} is an object array; re-save it as a unicode array: np.save(path, np.asarray(paths, dtype=str))"
+            ) from None
+        raise DataError(f"{path} is not a readable .npy file ({err}); {PREPARE_HINT}") from None
+    except OSError as err:
+        raise DataError(f"{path} is not a readable .npy file ({err}); {PREPARE_HINT}") from None
+
+
+def read_arrays(root) -> dict[str, np.ndarray]:
+    """Load and validate the .npy files of a prepared folder as stored, keyed by file name.
+
+    Image paths stay relative and labels become int8; meta.json is not read.
+    """
+    root = Path(root)
+    arrays = {name: _load(root, name) for split in SPLITS for name in (images_file(split), labels_file(split))}
+    if (root / OBS_FILE).exists():
+        arrays[OBS_FILE] = _load(root, OBS_FILE)
+    return _check_set(arrays, None, root)
+
+
+def read_formatted(root, *, image_root=None, dataset: str | None = None) -> Formatted:
+    """Load and validate a prepared folder.
+
+    `image_root` overrides meta.json's (for data that moved) and is required
+    where meta.json is missing, as in folders the published code wrote.
+    `dataset` names such a folder; it defaults to the folder's name.
+    """
+    root = Path(root)
+    meta_path = root / META_FILE
+    meta = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            meta["class_names"] = [str(c) for c in meta["class_names"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{meta_path} is unreadable or lacks class_names ({err}); {PREPARE_HINT}") from None
+    if image_root is None:
+        if "image_root" not in meta:
+            raise DataError(
+                f"{root} has no {META_FILE} saying where its images live; pass image_root= (the folder the paths "
+                f"in {images_file('train')} are relative to), or {PREPARE_HINT}"
+            )
+        image_root = meta["image_root"]
+    image_root = Path(image_root).absolute()
+
+    arrays = read_arrays(root)
+    num_classes = arrays[labels_file("train")].shape[1]
+    class_names = meta.get("class_names") or [f"class_{i}" for i in range(num_classes)]
+    if meta.get("num_classes", len(class_names)) != len(class_names) or len(class_names) != num_classes:
+        raise DataError(
+            f"{meta_path} lists {len(class_names)} class names (num_classes {meta.get('num_classes')}) for "
+            f"{num_classes} label columns; {PREPARE_HINT}"
+        )
+
+    def absolute(images: np.ndarray) -> np.ndarray:
+        return np.char.add(f"{image_root}{os.sep}", images)
+
+    return Formatted(
+        dataset=meta.get("dataset") or dataset or root.resolve().name,
+        class_names=class_names,
+        image_root=image_root,
+        train_images=absolute(arrays[images_file("train")]),
+        train_labels=arrays[labels_file("train")],
+        val_images=absolute(arrays[images_file("val")]),
+        val_labels=arrays[labels_file("val")],
+        train_labels_obs=arrays.get(OBS_FILE),
+    )
