@@ -230,17 +230,16 @@ class MLflowTrialLogger(tune.Callback):
         self._logged: dict[str, set[int]] = {}   # trial id -> epochs logged
         self._nodes: dict[str, list[str]] = {}
         self._ended: set[str] = set()
+        self._live: set[str] = set()             # trials whose run this driver (re)opened and not yet ended
+        self._done_before: set[str] | None = None   # trials already finished when this driver started
 
     def __getstate__(self) -> dict:
+        # A driver that unpickles this (--resume) starts with empty caches and
+        # finds its runs, logged epochs and nodes again in MLflow.
         state = self.__dict__.copy()
-        state["_client"] = None
+        state.update(_client=None, _runs={}, _logged={}, _nodes={}, _ended=set(), _live=set(),
+                     _done_before=None)
         return state
-
-    def get_state(self) -> dict | None:
-        return {"runs": dict(self._runs)}
-
-    def set_state(self, state: dict) -> None:
-        self._runs.update(state.get("runs", {}))
 
     @property
     def client(self):
@@ -301,6 +300,7 @@ class MLflowTrialLogger(tune.Callback):
     def _reopen(self, trial) -> str:
         rid = self.run_id(trial)
         self._ended.discard(trial.trial_id)
+        self._live.add(trial.trial_id)
         run = self.client.get_run(rid)
         if run.info.status != "RUNNING":
             self.client.update_run(rid, status="RUNNING")
@@ -335,8 +335,13 @@ class MLflowTrialLogger(tune.Callback):
         self.client.set_tag(rid, T.TAG_STATUS_REASON, reason[:5000])
         self.client.set_terminated(rid, status=status)
         self._ended.add(tid)
+        self._live.discard(tid)
 
     # -- Tune hooks -----------------------------------------------------
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if self._done_before is None:
+            self._done_before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._reopen(trial)
 
@@ -404,8 +409,11 @@ class MLflowTrialLogger(tune.Callback):
     def on_experiment_end(self, trials: list, **info) -> None:
         # Trials not ended here were interrupted (Ctrl-C, a stopped sweep):
         # KILLED, to be reopened by --resume.
-        unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-        EXPERIMENT_INTERRUPTED[(self.sweep, self.role)] = bool(unfinished)
+        # (Tune has already set every trial TERMINATED here, so look at what ended normally.)
+        # No step at all: a restored experiment that was already complete.
+        done = self._ended | (self._done_before or set())
+        EXPERIMENT_INTERRUPTED[(self.sweep, self.role)] = (
+            self._done_before is not None and any(t.trial_id not in done for t in trials))
         for trial in trials:
-            if trial.trial_id in self._runs and trial.trial_id not in self._ended:
+            if trial.trial_id in self._live:
                 self._end(trial, "KILLED", "interrupted")

@@ -161,10 +161,9 @@ def find_resumable(storage: str, dataset: str, name: str | None) -> tuple[str, d
         candidates = []
         for info in infos:
             n = info.base_name
-            if info.type == pyarrow.fs.FileType.Directory and n.startswith(f"{dataset}-") \
-                    and not n.endswith(FINAL_SUFFIX):
+            if info.type == pyarrow.fs.FileType.Directory and not n.endswith(FINAL_SUFFIX):
                 rec = read_record(storage, n)
-                if rec is not None:
+                if rec is not None and rec.get("dataset") == dataset:
                     candidates.append((rec.get("created", ""), n, rec))
         if not candidates:
             raise SweepError(f"nothing to resume: no sweep of {dataset} in {storage}: start one without --resume")
@@ -462,7 +461,8 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
                 callbacks=[logger], progress_reporter=progress_reporter(), verbose=1))
     results = tuner.fit()
-    if M.EXPERIMENT_INTERRUPTED.get((name, T.ROLE_TRIAL)):
+    # interrupted (Ctrl-C): trials left unfinished, or the searcher had more to propose
+    if M.EXPERIMENT_INTERRUPTED.get((name, T.ROLE_TRIAL)) or len(results) < space.num_samples:
         return True
 
     rows = F.result_rows(results)
@@ -476,7 +476,7 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
                                     points=points, callback=logger, reporter=progress_reporter(final=True),
                                     max_failures=space.max_failures, keep_checkpoints=space.keep_checkpoints,
                                     resume=args.resume)
-        if M.EXPERIMENT_INTERRUPTED.get((name, T.ROLE_FINAL)):
+        if M.EXPERIMENT_INTERRUPTED.get((name, T.ROLE_FINAL)) or len(final_results) < len(points):
             return True
         final_rows = F.result_rows(final_results)
 

@@ -157,14 +157,15 @@ class Rig:
         (self.tmp / "client").mkdir()
         shared = self.tmp / "shared"
         rt = self.tmp / "rt"
-        for d in (shared, rt):
+        user_tmp = self.tmp / "usertmp"
+        for d in (shared, rt, user_tmp):
             d.mkdir()
             os.chown(d, self.user.pw_uid, self.user.pw_gid)
         # A previous run that died may have left this user's Ray running.
         self.stop_user_processes()
         ch.reset_home(self.user, bashrc_extra=(
             "\n# wsml test_ray_up: this user's Ray apart from other Ray users on the machine\n"
-            f"export RAY_TMPDIR={rt}\n"
+            f"export RAY_TMPDIR={rt} TMPDIR={user_tmp}\n"
             "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n"
             "export RAY_USAGE_STATS_ENABLED=0\n"
             "export RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/\n"

@@ -77,8 +77,9 @@ class Trainer:
         self.model: Classifier = build_model(cfg.arch, data.num_classes, cfg.weights).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        # on the 0-255 scale, so normalising is one subtract and one divide in place
+        self.mean = 255 * torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = 255 * torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.observed = torch.as_tensor(data.train_observed, dtype=torch.int8, device=device)
         self.complete = torch.as_tensor(data.train.labels, dtype=torch.int8, device=device)
         self.estimator = None
@@ -109,11 +110,11 @@ class Trainer:
 
     def _to_input(self, batch: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 NHWC -> normalised float NCHW on the device; the flip is done here, not per image on a CPU."""
-        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        if flip is not None:
-            flip = flip.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-            x = torch.where(flip, x.flip(3), x)
-        x = (x - self.mean) / self.std
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if flip is not None and flip.any():
+            flipped = flip.nonzero().squeeze(1)        # a CPU mask: no device sync
+            x[flipped] = x[flipped].flip(3)
+        x.sub_(self.mean).div_(self.std)
         # NHWC permuted is already channels_last in memory; contiguous() keeps it so for CUDA
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
@@ -293,7 +294,8 @@ class _GraphedStep:
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             self.trainer.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
+            # thread_local: the DataLoader's pin-memory thread may call CUDA during the capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = self.trainer._step(self.x, self.index, self.epoch)
         self.graph.replay()
         return self.outputs
