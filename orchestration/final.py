@@ -81,6 +81,8 @@ def run_final(*, name: str, storage: str, trainable, param_space: dict[str, Any]
     """Run (or, on resume, continue) the final Tuner; returns its ResultGrid."""
     from ray import tune
 
+    from orchestration.trainable import trial_dirname
+
     final_name = name + FINAL_SUFFIX
     path = f"{storage.rstrip('/')}/{final_name}"
     if resume and tune.Tuner.can_restore(path):
@@ -89,7 +91,8 @@ def run_final(*, name: str, storage: str, trainable, param_space: dict[str, Any]
     tuner = tune.Tuner(
         trainable,
         param_space={**param_space, "point": tune.grid_search(points)},
-        tune_config=tune.TuneConfig(metric="val_map", mode="max", num_samples=1, reuse_actors=True),
+        tune_config=tune.TuneConfig(metric="val_map", mode="max", num_samples=1, reuse_actors=True,
+                                    trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=final_name, storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=max_failures),

@@ -436,7 +436,7 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
     from orchestration import final as F
     from orchestration import mlflow_log as M
     from orchestration.space import OptunaSpace
-    from orchestration.trainable import train_trial
+    from orchestration.trainable import train_trial, trial_dirname
 
     trainable = tune.with_resources(train_trial, resources)
     path = f"{storage}/{name}"
@@ -454,7 +454,8 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
         tuner = tune.Tuner(
             trainable, param_space=base_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=space.num_samples, reuse_actors=True),
+                                        num_samples=space.num_samples, reuse_actors=True,
+                                        trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),

@@ -158,3 +158,13 @@ def train_trial(config: dict[str, Any]) -> None:
         if last["metrics"] is None:
             raise
         tune.report({**last["metrics"], "wsml_error": f"{type(err).__name__}: {err}"})
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names: `trial_003_LL-Ct_1a2b3c4d` (Tune's default packs the whole config in)."""
+    config = trial.config or {}
+    point = {**config, **(config.get("point") or {})}
+    index = (trial.experiment_tag or "0").split("_", 1)[0]
+    kind = "final" if "point" in config else "trial"
+    seed = f"_seed{point.get('seed', 0)}" if kind == "final" else ""
+    return f"{kind}_{int(index):03d}_{point.get('scheme', 'x')}{seed}_{trial.trial_id}"

@@ -154,7 +154,7 @@ def test_sweep_optuna_asha_mlflow_final(tmp_path, ray_address):
         assert params["lr"] == pytest.approx(cfg["lr"], rel=1e-12)
         assert params["delta_rel"] == pytest.approx(cfg["delta_rel"], rel=1e-12)
     # the paper's defaults (digits: lr 1e-3, delta_rel 2) ran first, one per scheme
-    first = sorted(trials.values(), key=lambda t: int(t["dir"].name.split("_")[3]))[:2]
+    first = sorted(trials.values(), key=lambda t: int(t["dir"].name.split("_")[1]))[:2]   # trial_001_...
     assert {t["config"]["scheme"] for t in first} == {"LL-R", "LL-Cp"}
     assert all(t["config"]["lr"] == 1e-3 and t["config"]["delta_rel"] == 2.0 for t in first)
 
@@ -363,3 +363,99 @@ def test_bad_input_through_the_script(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "error: unknown data set 'mnist': choose one of digits, pascal, coco, nuswide, cub, openimages"]
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------- the MLflow callback, without Ray
+class _FakeTrial:
+    def __init__(self, tid: str, index: int, **config):
+        self.trial_id, self.experiment_tag = tid, f"{index}_x"
+        self.config = {"dataset": "digits", "epochs": 4, "seed": 0, "train": {"num_workers": 0}, **config}
+        self.last_result: dict = {}
+        self.status, self.num_failures = "RUNNING", 0
+
+    def get_error(self):
+        return "Traceback ...\nwsml.errors.DataError: broken image 7"
+
+
+def _result(epoch: int, **extra) -> dict:
+    return {"epoch": epoch, "val_map": 10.0 + epoch, "train_loss": 1.0 / epoch, "modified_frac": 0.01 * epoch,
+            "modified_true_pos_frac": 0.3, "clean_rate": 1 - 0.02 * (epoch - 1), "best_val_map": 10.0 + epoch,
+            "best_epoch": epoch, "test_map_at_best": 20.0 + epoch, "train_seconds": 36.0 * epoch,
+            "gpu_seconds": 0.0, "node_id": "n1", "device": "cpu", "restored_from_epoch": 0, **extra}
+
+
+def test_mlflow_callback_exactly_once_and_end_states(tmp_path):
+    import pickle as _pickle
+
+    from mlflow import MlflowClient
+
+    from orchestration import mlflow_log as M
+    from orchestration import tracking as T
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = MlflowClient(uri)
+    exp, parent = M.start_parent(c, "cb", "digits", {"command": "x"}, resume=False)
+    with pytest.raises(M.TrackingError, match="--resume"):
+        M.start_parent(c, "cb", "digits", {"command": "x"}, resume=False)
+    cb = M.MLflowTrialLogger(uri, exp, parent, "cb", "digits", T.ROLE_TRIAL, epochs=4)
+    done, asha, drop, fail, diverged, cut = (
+        _FakeTrial(f"t{i}", i, scheme=s, mode="end-to-end", lr=1e-3, delta_rel=2.0)
+        for i, s in enumerate(["LL-R", "LL-Ct", "LL-Cp", "LL-R", "LL-R", "AN"], start=1))
+    trials = [done, asha, drop, fail, diverged, cut]
+    cb.on_step_begin(0, trials)
+    for t in trials:
+        cb.on_trial_start(0, trials, t)
+    for t, epochs in ((done, 4), (asha, 2), (drop, 3), (fail, 1), (diverged, 2), (cut, 2)):
+        for e in range(1, epochs + 1):
+            t.last_result = _result(e, trainer_stop=float(t is drop and e == 3))
+            cb.on_trial_result(0, trials, t, t.last_result)
+    cb.on_trial_result(0, trials, done, _result(4))                  # a repeated epoch is logged once
+    diverged.last_result = {**_result(2), "wsml_error": "TrainingDiverged: loss became nan"}
+    for t in (done, asha, drop, diverged):
+        t.status = "TERMINATED"
+        cb.on_trial_complete(0, trials, t)
+    fail.status = "ERROR"
+    cb.on_trial_error(0, trials, fail)
+    cut.status = "TERMINATED"                                       # Ctrl-C: Tune stops it, no completion
+    cb.on_experiment_end(trials)
+    assert M.EXPERIMENT_INTERRUPTED[("cb", T.ROLE_TRIAL)] is True
+
+    def run_of(t):
+        [r] = M.find_runs(c, exp, **{T.TAG_TRIAL_ID: t.trial_id})
+        return r
+
+    expect = {done: ("FINISHED", "completed"), asha: ("FINISHED", "asha_stopped"),
+              drop: ("FINISHED", "stop_drop"), fail: ("FAILED", "failed: wsml.errors.DataError: broken image 7"),
+              diverged: ("FAILED", "failed: TrainingDiverged: loss became nan"), cut: ("KILLED", "interrupted")}
+    for t, (status, reason) in expect.items():
+        r = run_of(t)
+        assert (r.info.status, r.data.tags[T.TAG_STATUS_REASON]) == (status, reason), t.trial_id
+        assert r.data.tags[T.TAG_PARENT] == parent
+    r = run_of(done)
+    assert [s for s, _ in history(uri, r.info.run_id)] == [1, 2, 3, 4]
+    assert r.data.metrics[T.TEST_MAP] == 24.0 and r.data.metrics[T.EPOCHS_RUN] == 4
+    assert r.data.metrics[T.TRAIN_HOURS] == pytest.approx(4 * 36 / 3600)
+    assert r.info.run_name == "LL-R d=2 lr=0.001 #t1"
+    assert run_of(cut).info.run_name == "AN lr=0.001 #t6" and "delta_rel" not in run_of(cut).data.params
+
+    # a new driver (--resume) unpickles the callback: it finds the runs again, reopens the
+    # interrupted one and logs only the epochs it has not seen
+    cb2 = _pickle.loads(_pickle.dumps(cb))
+    assert cb2._runs == {} and cb2._client is None
+    cut.status = "RUNNING"
+    cb2.on_step_begin(0, trials)
+    cb2.on_trial_start(0, trials, cut)
+    assert run_of(cut).info.status == "RUNNING"
+    for e in (2, 3, 4):                                              # restored from epoch 1's checkpoint
+        cut.last_result = _result(e, restored_from_epoch=1)
+        cb2.on_trial_result(0, trials, cut, cut.last_result)
+    cut.status = "TERMINATED"
+    cb2.on_trial_complete(0, trials, cut)
+    cb2.on_experiment_end(trials)
+    assert M.EXPERIMENT_INTERRUPTED[("cb", T.ROLE_TRIAL)] is False
+    r = run_of(cut)
+    assert (r.info.status, r.data.tags[T.TAG_STATUS_REASON]) == ("FINISHED", "completed")
+    assert [s for s, _ in history(uri, r.info.run_id)] == [1, 2, 3, 4]
+    assert r.data.tags["wsml.restored_from_epoch"] == "1"
+    assert run_of(done).info.status == "FINISHED"                  # untouched by the second driver
+    assert len(M.find_runs(c, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})) == 6
