@@ -140,7 +140,7 @@ def cache_epoch(workdir: Path, count: int) -> tuple[float, float, float]:
     trainer.train_epoch(2)                      # warm-up epoch: capture, cudnn autotuning, page cache
     torch.cuda.synchronize()
     epoch_rate = trainer.train_epoch(2)["images_per_s"]
-    x = trainer._to_input(torch.from_numpy(np.ascontiguousarray(cache.array[:BATCH])))
+    x = trainer._to_input(torch.from_numpy(np.array(cache.array[:BATCH])))
     index = torch.arange(BATCH, device="cuda")
     graphed = _GraphedStep(trainer, 2, x, index, warmup=False)
     synthetic = timed(lambda: graphed(x, index), 10)

@@ -255,8 +255,13 @@ def trial_resources(space: SweepSpace, remote: bool) -> dict[str, float]:
     cpu, gpu = space.resources.cpus_per_trial, space.resources.gpus_per_trial
     total_gpus = ray.cluster_resources().get("GPU", 0)
     if gpu > 0 and total_gpus == 0:
-        print(f"note: the Ray cluster has no GPU: trials run on CPUs (gpus_per_trial {gpu:g} -> 0)")
-        gpu = 0.0
+        if not remote:
+            print(f"note: this machine has no GPU for Ray: trials run on CPUs (gpus_per_trial {gpu:g} -> 0)")
+            gpu = 0.0
+        else:
+            # A cluster's GPU workers may not be up yet (the autoscaler starts them on demand).
+            print(f"note: the Ray cluster has no GPU node yet: trials ask for {gpu:g} GPU each and wait for the "
+                  "autoscaler (pass --gpus-per-trial 0 to train on CPUs)")
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not any(n.get("CPU", 0) >= cpu and n.get("GPU", 0) >= gpu for n in nodes):
         largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
@@ -362,7 +367,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
         _check_no_parent(uri, name)
     address = resolve_address(args.address)
     remote = address is not None
-    cache_dir = str(Path(".cache").resolve()) if not remote else "/tmp/wsml-cache"
+    # decoded images / features, once per node (same path on every node of a `ray up` cluster)
+    cache_dir = str(Path(".cache").resolve())
 
     # 2. Ray, MLflow, the sweep folder.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")       # use the CLIReporter below

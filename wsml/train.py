@@ -152,7 +152,7 @@ class Trainer:
                 out[:] = self._predict(images, features=True)
 
             dim = self.model.head.in_features
-            feats[split] = torch.from_numpy(np.asarray(
+            feats[split] = torch.from_numpy(np.array(
                 cached_array(Path(cfg.cache_dir) / "features", key, (len(images), dim), np.float32, build)))
         head = self.model.head
         opt = torch.optim.Adam(head.parameters(), lr=cfg.linear_init_lr)
