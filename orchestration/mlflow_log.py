@@ -47,7 +47,7 @@ TAG_RUN_KIND = "wsml.kind"
 
 EPOCH_METRICS = (T.VAL_MAP, T.TRAIN_LOSS, T.MODIFIED_FRAC, T.MODIFIED_TRUE_POS_FRAC, T.CLEAN_RATE,
                  T.EPOCH_SECONDS, "best_val_map", "test_map_at_best", "images_per_s")
-# Keys of a trial config that become tags.
+# TrainConfig fields not logged as params (machine-specific paths).
 _RUN_PARAM_SKIP = {"data_root", "cache_dir"}
 
 

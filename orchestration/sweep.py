@@ -43,7 +43,7 @@ from orchestration import tracking as T  # noqa: E402
 from orchestration.final import FINAL_SUFFIX  # noqa: E402
 from orchestration.mlflow_log import TrackingError  # noqa: E402
 from orchestration.space import SpaceError, SweepSpace, load_space, with_overrides  # noqa: E402
-from wsml.config import DATASETS, SCHEMES  # noqa: E402
+from wsml.config import DATASETS, LL_SCHEMES, SCHEMES  # noqa: E402
 from wsml.errors import WSMLError  # noqa: E402
 
 RECORD = "wsml_sweep.json"      # the sweep's settings, beside Ray's experiment state
@@ -274,14 +274,18 @@ def trial_resources(space: SweepSpace, remote: bool) -> dict[str, float]:
     return {"cpu": cpu, "gpu": gpu}
 
 
-def progress_reporter(final: bool = False):
-    """Ray's CLIReporter with the columns a person follows."""
+def progress_reporter(final: bool = False, with_delta_rel: bool = True):
+    """Ray's CLIReporter with the columns a person follows.
+
+    Baseline trials have no delta_rel, and Ray's "current best trial" line
+    looks every parameter column up without a default, so the column is only
+    shown when every searched scheme has one.
+    """
     from ray.tune import CLIReporter
 
-    if final:
-        params = {"point/scheme": "scheme", "point/delta_rel": "delta_rel", "point/lr": "lr", "point/seed": "seed"}
-    else:
-        params = {"scheme": "scheme", "delta_rel": "delta_rel", "lr": "lr"}
+    prefix = "point/" if final else ""
+    names = ["scheme"] + (["delta_rel"] if with_delta_rel else []) + ["lr"] + (["seed"] if final else [])
+    params = {prefix + n: n for n in names}
     return CLIReporter(parameter_columns=params,
                        metric_columns={"epoch": "epoch", "val_map": "val_map", "best_val_map": "best"},
                        max_report_frequency=15, sort_by_metric=True)
@@ -393,10 +397,12 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
                           "experiment_id": experiment_id, "parent_run_id": parent_id, "resources": resources,
                           "data_root": data_root, "cache_dir": cache_dir, "command": params["command"],
                           "created": _dt.datetime.now().isoformat(timespec="seconds")}
-                write_record(storage, name, record)
             interrupted = _search_and_final(args, space, name, storage, record, resources, uri,
                                             experiment_id, parent_id)
             status = "KILLED" if interrupted else "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             try:
                 M.end_parent(c, parent_id, status)
@@ -447,6 +453,7 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
     trainable = tune.with_resources(train_trial, resources)
     path = f"{storage}/{name}"
     base_space = param_space(space, name, record.get("data_root"), record.get("cache_dir", ".cache"))
+    only_ll = all(scheme in LL_SCHEMES for scheme in space.search.scheme)
     M.EXPERIMENT_INTERRUPTED.clear()
     if args.resume:
         print(f"resuming sweep {name} from {path}")
@@ -466,7 +473,9 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
                 name=name, storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
-                callbacks=[logger], progress_reporter=progress_reporter(), verbose=1))
+                callbacks=[logger], progress_reporter=progress_reporter(with_delta_rel=only_ll), verbose=1))
+        # beside Ray's tuner.pkl (written just now): what --resume needs besides Ray's state
+        write_record(storage, name, record)
     results = tuner.fit()
     # interrupted (Ctrl-C): trials left unfinished, or the searcher had more to propose
     if M.EXPERIMENT_INTERRUPTED.get((name, T.ROLE_TRIAL)) or len(results) < space.num_samples:
@@ -480,7 +489,7 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
         print(f"\nfinal stage: {len(best)} configuration(s) x {space.final_seeds} seed(s), {space.epochs} epochs")
         logger = M.MLflowTrialLogger(uri, experiment_id, parent_id, name, space.dataset, T.ROLE_FINAL, space.epochs)
         final_results = F.run_final(name=name, storage=storage, trainable=trainable, param_space=base_space,
-                                    points=points, callback=logger, reporter=progress_reporter(final=True),
+                                    points=points, callback=logger, reporter=progress_reporter(final=True, with_delta_rel=only_ll),
                                     max_failures=space.max_failures, keep_checkpoints=space.keep_checkpoints,
                                     resume=args.resume)
         if M.EXPERIMENT_INTERRUPTED.get((name, T.ROLE_FINAL)) or len(final_results) < len(points):
@@ -516,7 +525,7 @@ def _aggregate(uri: str, name: str, out_dir: str) -> None:
             return
         raise
     try:
-        res = aggregate(uri, [name], out_dir)
+        res = aggregate(uri, None, out_dir)   # every sweep in the store: one Table 1
     except Exception as err:  # noqa: BLE001 - the sweep itself succeeded; say why the tables did not
         print(f"warning: aggregation failed: {_first_line(err)}", file=sys.stderr)
         return
@@ -532,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, SpaceError, TrackingError, WSMLError) as err:
         print(f"error: {_first_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: continue with the same command and --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
