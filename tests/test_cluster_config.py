@@ -4,7 +4,7 @@ First Ray's own validation, as `ray up` runs it before launching anything; then
 what Ray lets through (typos inside `provider` and `node_config`, min > max
 workers, ports open to the internet) and what this project wants of its
 cluster (a head without trials, GPU workers that scale to zero, one install
-for both files, the AMI and the paths set in one place). docs/cluster.md is
+for both files, the AMI and the paths set in one place). the README is
 checked against the real `ray` CLI and sweep.py's options.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests import cluster_helpers as ch
 REPO = ch.REPO
 AWS = REPO / "cluster.yaml"
 LOCAL = REPO / "cluster.local.yaml"
-DOCS = REPO / "docs" / "cluster.md"
+DOCS = REPO / "README.md"   # its "On a cluster" section
 
 
 @pytest.fixture(scope="module")
@@ -226,10 +226,10 @@ def test_file_mounts_carry_the_source_and_nothing_big(aws):
     assert ".venv" not in sources and "data" not in sources
 
 
-# --- docs/cluster.md only uses commands and options that exist ----------------
+# --- the README only uses commands and options that exist ----------------
 
 def _doc_commands() -> list[str]:
-    return [ln.strip() for ln in DOCS.read_text().splitlines() if ln.strip().startswith("ray ")]
+    return [ln.strip() for ln in ch.cluster_docs(DOCS).splitlines() if ln.strip().startswith("ray ")]
 
 
 def test_docs_ray_commands_parse():
@@ -248,7 +248,7 @@ def test_docs_ray_commands_parse():
 def test_docs_remote_commands_use_real_options():
     sweep_src = (REPO / "orchestration" / "sweep.py").read_text()
     download_src = (REPO / "wsml" / "data" / "download.py").read_text()
-    text = DOCS.read_text()
+    text = ch.cluster_docs(DOCS)
     remote = [shlex.split(c)[3] for c in _doc_commands() if shlex.split(c)[1] == "exec"]
     sweeps = [r for r in remote if "orchestration/sweep.py" in r]
     assert any("--dataset cub" in s for s in sweeps) and any("--dataset digits" in s for s in sweeps)

@@ -4,7 +4,7 @@ The test makes a variant of the real cluster.local.yaml that changes only what
 must differ here (head address, SSH user/key/port, the shared folder, the
 cluster's name and Ray's ports; checked below), starts an sshd on 127.0.0.1
 that admits only the dedicated user `wsmlray`, then runs the commands of
-docs/cluster.md: `ray up`, `ray exec ... 'ray status'`, the digits smoke
+the README: `ray up`, `ray exec ... 'ray status'`, the digits smoke
 sweep, `ray down`.
 
 Why a dedicated user: `ray stop`, which `ray up` and `ray down` run on the head,
@@ -45,7 +45,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REPO = ch.REPO
 REAL_YAML = REPO / "cluster.local.yaml"
-DOCS = REPO / "docs" / "cluster.md"
+DOCS = REPO / "README.md"   # its "On a cluster" section
 SHARED_IN_REAL_FILE = "WSML_SHARED=/mnt/shared"
 
 
@@ -59,10 +59,10 @@ def _missing_prereqs() -> str | None:
 
 
 def docs_command(pattern: str) -> str:
-    """The one line of docs/cluster.md that starts with `ray ` and matches."""
-    lines = [ln.strip() for ln in DOCS.read_text().splitlines()]
+    """The one line of the README that starts with `ray ` and matches."""
+    lines = [ln.strip() for ln in ch.cluster_docs(DOCS).splitlines()]
     found = [ln for ln in lines if ln.startswith("ray ") and re.search(pattern, ln)]
-    assert len(found) == 1, f"docs/cluster.md: expected one command matching {pattern!r}, got {found}"
+    assert len(found) == 1, f"the README: expected one command matching {pattern!r}, got {found}"
     return found[0]
 
 
@@ -247,7 +247,7 @@ def _head_logs(r: Rig) -> str:
 
 
 def _smoke_sweep(r: Rig) -> None:
-    """The smoke sweep of docs/cluster.md, word for word, then its results fetched
+    """The smoke sweep of the README, word for word, then its results fetched
     with the docs' `ray rsync-down` commands (into the temp folder, not the repo)."""
     sweep_cmd = docs_command(r"sweep\.py --dataset digits")
     sweep_name = re.search(r"--name (\S+)", sweep_cmd).group(1).strip("'\"")
@@ -263,7 +263,7 @@ def _smoke_sweep(r: Rig) -> None:
     assert len(trials) >= samples, (f"want {samples} trial folders in {results}; shared has "
                                     f"{sorted(str(p.relative_to(r.shared)) for p in r.shared.rglob('*'))[:40]}")
 
-    # Fetch results/ and the MLflow store as docs/cluster.md says.
+    # Fetch results/ and the MLflow store as the README says.
     fetched = r.tmp / "fetched"
     fetched.mkdir()
     for pattern, target in ((r"rsync-down .*results/", fetched / "results"),
