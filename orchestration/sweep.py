@@ -437,17 +437,29 @@ def _check_no_parent(uri: str, name: str) -> None:
         raise TrackingError(f"cannot read MLflow store {uri}: {_first_line(err)}") from None
 
 
+def search_and_scheduler(space: SweepSpace):
+    """The sweep's searcher and scheduler: seeded Optuna TPE over the space (its start points
+    first) and ASHA on validation mAP with the epoch as time (also used by bench/sweep.py)."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestration.space import OptunaSpace
+
+    searcher = OptunaSearch(space=OptunaSpace.of(space), metric=METRIC, mode=MODE,
+                            points_to_evaluate=space.start_points() or None, seed=space.search_seed)
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=space.epochs, grace_period=space.scheduler.grace_period,
+                              reduction_factor=space.scheduler.reduction_factor)
+    return searcher, scheduler
+
+
 def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: dict, resources: dict,
                       uri: str, experiment_id: str, parent_id: str) -> bool:
     """Run the search and the final stage; print the summary. Returns True when interrupted."""
     import pandas as pd
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from orchestration import final as F
     from orchestration import mlflow_log as M
-    from orchestration.space import OptunaSpace
     from orchestration.trainable import train_trial, trial_dirname
 
     trainable = tune.with_resources(train_trial, resources)
@@ -459,10 +471,7 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
         print(f"resuming sweep {name} from {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        searcher = OptunaSearch(space=OptunaSpace.of(space), metric=METRIC, mode=MODE,
-                                points_to_evaluate=space.start_points() or None, seed=space.search_seed)
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.epochs, grace_period=space.scheduler.grace_period,
-                                  reduction_factor=space.scheduler.reduction_factor)
+        searcher, scheduler = search_and_scheduler(space)
         logger = M.MLflowTrialLogger(uri, experiment_id, parent_id, name, space.dataset, T.ROLE_TRIAL, space.epochs)
         tuner = tune.Tuner(
             trainable, param_space=base_space,

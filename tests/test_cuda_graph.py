@@ -26,7 +26,7 @@ def test_graph_step_matches_eager_loss_and_gradients(scheme):
     # lr ~ 0: both start every step from the same weights, so each step's loss and gradients
     # are compared directly (with a real lr, Adam's sign-like first steps amplify rounding)
     eager, graphed = _trainer(False, scheme, 1e-12), _trainer(True, scheme, 1e-12)
-    eager.optimizer = torch.optim.Adam(eager.optimizer.param_groups, capturable=True)
+    eager.optimizer = torch.optim.Adam(eager.optimizer.param_groups, capturable=True, fused=True)
     rng = np.random.RandomState(0)
     step = None
     for i in range(8):
