@@ -222,7 +222,31 @@ def resolve_address(address: str | None) -> str | None:
     except OSError as err:
         raise SweepError(f"Ray cluster at {address} is unreachable ({err.strerror or err}): start it "
                          "or fix --address") from None
+    _check_ray_gcs(host, port)
     return f"{host}:{port}"
+
+
+def _check_ray_gcs(host: str, port: int, timeout: float = 5.0) -> None:
+    """Ask the address for its Ray cluster id, as `ray.init` does first.
+
+    `ray.init` retries an address that is not a Ray head (a web server, an
+    SSH port) for minutes; one gRPC call with a deadline tells in a second.
+    """
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+    except grpc.RpcError as err:
+        detail = (err.details() or err.code().name).split(" (")[0].strip()
+        raise SweepError(f"{host}:{port} is not a Ray cluster's head (GCS) port ({err.code().name}: "
+                         f"{detail[:120]}): give the address `ray start --head` printed (port 6379 by "
+                         "default) or --address auto on the head") from None
+    finally:
+        channel.close()
 
 
 # --------------------------------------------------------------------- Ray
@@ -320,9 +344,21 @@ def param_space(space: SweepSpace, name: str, data_root: str | None, cache_dir: 
             "data_root": data_root, "train": train, "wsml_sweep": name}
 
 
+def sweep_params(space: SweepSpace, argv: list[str], path: str, address: str | None,
+                 resources: dict) -> dict[str, str]:
+    """The sweep run's MLflow params; credentials in the command line or URIs are masked."""
+    from orchestration.mlflow_log import redact
+
+    return {**space.summary(), "command": redact(" ".join(shlex.quote(a) for a in argv)),
+            "git_commit": git_commit(), "storage": redact(path), "ray_address": address or "local",
+            "resources": json.dumps(resources)}
+
+
 def _first_line(err: BaseException) -> str:
+    from orchestration.mlflow_log import redact
+
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
+    return redact(lines[0] if lines else type(err).__name__)
 
 
 # -------------------------------------------------------------------- main
@@ -342,7 +378,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
             space = with_overrides(space, final_seeds=args.final_seeds)
         uri = record["mlflow_uri"]
         if args.mlflow_uri and M.absolute_uri(args.mlflow_uri) != uri:
-            print(f"note: --resume keeps the sweep's MLflow store {uri} (--mlflow-uri ignored)")
+            print(f"note: --resume keeps the sweep's MLflow store {M.redact(uri)} (--mlflow-uri ignored)")
         data_root = record.get("data_root")
         resources = record["resources"]
     else:
@@ -386,9 +422,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
         if resources is None:
             resources = trial_resources(space, remote)
         c = M.client(uri)
-        params = {**space.summary(), "command": " ".join(shlex.quote(a) for a in argv),
-                  "git_commit": git_commit(), "storage": f"{storage}/{name}", "ray_address": address or "local",
-                  "resources": json.dumps(resources)}
+        params = sweep_params(space, argv, f"{storage}/{name}", address, resources)
         experiment_id, parent_id = M.start_parent(c, name, space.dataset, params, resume=args.resume)
         status = "FAILED"
         try:
@@ -413,7 +447,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
             ray.shutdown()
     if interrupted:
         print(f"\ninterrupted: continue with  python orchestration/sweep.py --dataset {space.dataset} "
-              f"--name {name} --storage {storage} --resume")
+              f"--name {name} --storage {M.redact(storage)} --resume")
         return 130
     _aggregate(uri, name, args.results_dir)
     return 0
@@ -429,12 +463,12 @@ def _check_no_parent(uri: str, name: str) -> None:
         c = M.client(uri)
         eid = M.find_experiment_id(c, name)
         if eid is not None and M.find_parent(c, eid, name) is not None:
-            raise SweepError(f"MLflow experiment {name!r} in {uri} already holds a sweep: pass --resume "
+            raise SweepError(f"MLflow experiment {name!r} in {M.redact(uri)} already holds a sweep: pass --resume "
                              "to continue it or choose another --name")
     except (SweepError, TrackingError):
         raise
     except Exception as err:  # noqa: BLE001
-        raise TrackingError(f"cannot read MLflow store {uri}: {_first_line(err)}") from None
+        raise TrackingError(f"cannot read MLflow store {M.redact(uri)}: {_first_line(err)}") from None
 
 
 def search_and_scheduler(space: SweepSpace):
@@ -520,7 +554,7 @@ def _search_and_final(args, space: SweepSpace, name: str, storage: str, record: 
             print(f"\nfinal runs ({space.final_seeds} seeds each), test mAP:")
             print(summary.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"\nRay results and checkpoints: {path}")
-    print(f"MLflow store: {uri} (experiment {name!r})")
+    print(f"MLflow store: {M.redact(uri)} (experiment {name!r})")
     print(f"  open it with: {M.ui_command(uri)}")
     return False
 

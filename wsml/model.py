@@ -5,6 +5,7 @@ The head is a separate module so it gets its own learning rate (the paper:
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -49,8 +50,18 @@ def resnet50(weights: str) -> tuple[nn.Module, int]:
     import torchvision
 
     if weights == "imagenet":
-        # torchvision's normal download (cached in ~/.cache/torch); needs internet once
-        net = torchvision.models.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+        # torchvision's normal download (cached in ~/.cache/torch, hash-checked); needs internet once.
+        # Loaded here rather than by resnet50(weights=...) so that it is read with weights_only=True.
+        net = torchvision.models.resnet50(weights=None)
+        url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+        try:
+            state = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.get_state_dict(
+                progress=True, check_hash=True, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError) as err:   # not a plain state dict, or a torn file
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+            raise ConfigError(f"ImageNet weights {cached} cannot be read as a state dict ({type(err).__name__}): "
+                              "delete the file to download it again") from err
+        net.load_state_dict(state)
     else:
         net = torchvision.models.resnet50(weights=None)
         if weights != "none":

@@ -407,6 +407,15 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _check_out_dir(out: Path) -> None:
+    """Fail before training when --out cannot hold the checkpoint (a file in the way, no write access)."""
+    base = out.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise WSMLError(f"--out {out}: {base} is not a writable folder: pass a folder you can write to")
+
+
 def main(argv: list[str] | None = None) -> int:
     from wsml.checkpoint import load_checkpoint, save_checkpoint
 
@@ -414,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         out = Path(args.out)
+        _check_out_dir(out)
         ckpt = out / "checkpoint.pt"
         resume = load_checkpoint(ckpt) if ckpt.exists() else None
 
