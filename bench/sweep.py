@@ -20,7 +20,15 @@ temporary folder.
 Both are measured on validation mAP (a trial's best_val_map). The sweep's
 reported results are taken in the order the driver received them; epochs are
 accumulated (one result = one epoch) up to the first result whose running best
-val_map is within 1 of the grid's best. Last line:
+val_map is within 1 of the grid's best.
+
+Which configurations a sweep samples, and when, depends on its search seed,
+so the same sweep is also run with more seeds (`--replay-seeds`) through the
+same Tune machinery (OptunaSearch + ASHA, same resources), with a trainable
+that replays the grid's recorded curve of each configuration instead of
+training it. That is exact because the trainer is deterministic (one seed, same
+data): the real sweep's trials are checked to reproduce the grid's curves.
+Last line (the real sweep's):
 `sweep ratio <sweep epochs to target / grid epochs> (target 0.35)`.
 """
 from __future__ import annotations
@@ -48,6 +56,7 @@ DATASET = "digits"
 DELTAS = (0.5, 1.0, 2.0, 3.0, 4.0)
 TOLERANCE = 1.0   # mAP points
 TARGET = 0.35
+REPLAY_EPOCH_S = 0.1   # a replayed epoch; the order of results is what matters, not its length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,8 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-drop", type=float, default=None,
                    help="the trainer's stop rule (stop once val mAP falls this far below its best); default off: "
                         "every trial runs all its epochs, as the grid is meant to")
+    p.add_argument("--grace-period", type=int, default=None,
+                   help="ASHA's grace period instead of the space file's (a what-if; stated in the output)")
     p.add_argument("--search-seed", type=int, default=None, help="Optuna's seed (default: the space file's)")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="default: the space file's")
+    p.add_argument("--replay-seeds", default="1,2,3,4,5,6,7,8",
+                   help="more search seeds, replayed on the grid's recorded curves (no training; '' for none)")
     p.add_argument("--grid-json", default=None,
                    help="where the grid's reported results are written; if the file exists, the grid is read "
                         "from it instead of being trained again (it must match the other options)")
@@ -78,6 +91,8 @@ def bench_space(args: argparse.Namespace):
                                        lr=FloatParam(values=[DEFAULTS[DATASET].lr]), mode=["end-to-end"])
     if args.search_seed is not None:
         space.search_seed = args.search_seed
+    if args.grace_period is not None:
+        space.scheduler.grace_period = args.grace_period
     space.train = {**space.train, "stop_drop": args.stop_drop}
     if args.max_train_images is not None:
         space.train = {**space.train, "max_train_images": args.max_train_images}
@@ -85,7 +100,7 @@ def bench_space(args: argparse.Namespace):
     return space.validate(), deltas
 
 
-def recorder():
+def recorder(quiet: bool = False):
     from ray import tune
 
     class Recorder(tune.Callback):
@@ -102,6 +117,8 @@ def recorder():
                               "best_val_map": float(result["best_val_map"])})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            if quiet:
+                return
             mine = [r for r in self.rows if r["trial"] == trial.trial_id]
             if mine:
                 print(f"  [{time.monotonic() - self.start:6.0f}s] {mine[-1]['scheme']:5s} delta_rel "
@@ -112,15 +129,15 @@ def recorder():
 
 
 def run_tuner(name: str, storage: str, space, resources, param_space, searcher=None, scheduler=None,
-              num_samples: int = 1):
+              num_samples: int = 1, trainable=None, quiet: bool = False):
     from ray import tune
 
     from orchestration.sweep import METRIC, MODE
     from orchestration.trainable import train_trial, trial_dirname
 
-    rec = recorder()
+    rec = recorder(quiet)
     tuner = tune.Tuner(
-        tune.with_resources(train_trial, resources), param_space=param_space,
+        tune.with_resources(trainable or train_trial, resources), param_space=param_space,
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                     num_samples=num_samples, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
@@ -134,6 +151,30 @@ def run_tuner(name: str, storage: str, space, resources, param_space, searcher=N
     if errors:
         raise SystemExit(f"error: {len(errors)} trial(s) of {name} failed: {errors[0]}")
     return rec.rows, time.monotonic() - start
+
+
+def curves_of(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    """(scheme, delta_rel) -> that trial's reported results by epoch."""
+    out: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["scheme"], float(r["delta_rel"])), []).append(r)
+    return {k: sorted(v, key=lambda r: r["epoch"]) for k, v in out.items()}
+
+
+def replay_trainable(curves: dict, seconds_per_epoch: float):
+    """A trainable that reports a configuration's recorded grid curve instead of training it.
+
+    Valid because the trainer is deterministic (same seed, same data): a sweep's
+    trial of a configuration reports exactly the grid's curve of it (checked).
+    """
+    from ray import tune
+
+    def replay(config):
+        for r in curves[(config["scheme"], float(config["delta_rel"]))]:
+            time.sleep(seconds_per_epoch)
+            tune.report({"epoch": r["epoch"], "val_map": r["val_map"], "best_val_map": r["best_val_map"]})
+
+    return replay
 
 
 def epochs_to_target(rows: list[dict], target: float) -> int | None:
@@ -191,12 +232,29 @@ def main(argv=None) -> int:
                 saved.write_text(json.dumps({"settings": settings, "rows": grid_rows, "seconds": grid_s}))
 
         # 2. the project's sweep: seeded Optuna TPE (start points first) + ASHA
+        grace = f"{space.scheduler.grace_period}" + (" (--grace-period, not the space file's)"
+                                                     if args.grace_period is not None else "")
         print(f"\nsweep: {space.num_samples} trials, OptunaSearch (seed {space.search_seed}, start_with "
-              f"{space.start_with}) + ASHA (grace {space.scheduler.grace_period}, "
+              f"{space.start_with}) + ASHA (grace {grace}, "
               f"rf {space.scheduler.reduction_factor:g}, max_t {space.epochs})")
         searcher, scheduler = search_and_scheduler(space)
         sweep_rows, sweep_s = run_tuner("sweep", storage, space, resources, base, searcher, scheduler,
                                         num_samples=space.num_samples)
+
+        # 3. the same sweep with other search seeds, replaying the grid's curves (a sweep is a lottery
+        #    of which configurations it samples and when: one seed says little)
+        replays = {}
+        seeds = [int(x) for x in args.replay_seeds.split(",") if x.strip()]
+        if seeds:
+            print(f"\nreplays: the same sweep with search seeds {', '.join(map(str, seeds))} on the grid's "
+                  "recorded curves (no training)")
+            replay = replay_trainable(curves_of(grid_rows), REPLAY_EPOCH_S)
+            for seed in seeds:
+                space.search_seed = seed
+                searcher, scheduler = search_and_scheduler(space)
+                replays[seed], _ = run_tuner(f"replay-{seed}", storage, space, resources, base, searcher,
+                                             scheduler, num_samples=space.num_samples, trainable=replay,
+                                             quiet=True)
     finally:
         if started:
             ray.shutdown()
@@ -246,6 +304,24 @@ def main(argv=None) -> int:
               f"delta_rel {hit['delta_rel']:g} at its epoch {hit['epoch']}: {hit['best_val_map']:.2f})")
         ratio = n / grid_epochs
     print(f"sweep epochs total {len(sweep_rows)} ({len(sweep_rows) / grid_epochs:.2f} of the grid's)")
+    grid_curves = curves_of(grid_rows)
+    by_epoch = {k: {r["epoch"]: r["val_map"] for r in v} for k, v in grid_curves.items()}
+    diffs = [abs(r["val_map"] - by_epoch[(r["scheme"], float(r["delta_rel"]))].get(r["epoch"], math.nan))
+             for r in sweep_rows]
+    print(f"the sweep's trials reproduce the grid's curves of the same configurations: largest val mAP "
+          f"difference {max(diffs):.2g} over {len(diffs)} epochs")
+    if replays:
+        print("replayed sweeps (seed: epochs to target / total):")
+        ratios = []
+        for seed, rows in replays.items():
+            k = epochs_to_target(rows, target)
+            ratios.append(math.inf if k is None else k / grid_epochs)
+            print(f"  seed {seed}: {'not reached' if k is None else k} / {len(rows)}"
+                  + ("" if k is None else f"  (ratio {k / grid_epochs:.2f})"))
+        ratios.sort()
+        hit = sum(r <= TARGET for r in ratios)
+        print(f"replayed ratios: median {ratios[len(ratios) // 2]:.2f}; {hit} of {len(ratios)} seeds reach the "
+              f"target within {TARGET} of the grid's epochs")
     print(f"sweep ratio {ratio:.2f} (target {TARGET})")
     return 0
 
