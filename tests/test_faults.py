@@ -33,24 +33,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sweep import SWEEP, clean_env, free_port, history, mlflow_runs, ray_trials, write_space
+from tests.test_sweep import (  # noqa: F401 - ray_address is a fixture (a 2-CPU Ray cluster per module)
+    SWEEP, clean_env, free_port, history, mlflow_runs, ray_address, ray_trials, write_space)
 
 
 
 # ------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module")
-def cluster_address():
-    """A 2-CPU Ray cluster on this machine for the sweeps of this module (they join it with --address)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    try:
-        yield cluster.address
-    finally:
-        cluster.shutdown()
-
-
 def rows_by_trial(exp_dir: Path) -> dict[str, list[dict]]:
     """Ray's result.json rows of each trial, read while the sweep runs (a line being written is skipped)."""
     out = {}
@@ -146,11 +134,11 @@ def one_trial_space(tmp_path: Path) -> Path:
 # ------------------------------------------------- a trial's worker SIGKILLed
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_trial_is_retried_from_its_checkpoint_with_identical_metrics(tmp_path, cluster_address):
+def test_killed_trial_is_retried_from_its_checkpoint_with_identical_metrics(tmp_path, ray_address):
     space = one_trial_space(tmp_path)
     exp_dir = tmp_path / "ray_results" / "kill"
     with Sweep(tmp_path, ["--dataset", "digits", "--space", str(space), "--name", "kill",
-                          "--address", cluster_address]) as sweep:
+                          "--address", ray_address]) as sweep:
         # Tune's own `pid` result field names the trial's worker process.
         rows = sweep.wait_until("epoch 2", lambda: next(
             (r for r in rows_by_trial(exp_dir).values() if r[-1]["epoch"] >= 2), None))
@@ -182,11 +170,11 @@ def test_killed_trial_is_retried_from_its_checkpoint_with_identical_metrics(tmp_
 # ------------------------------------------- the newest checkpoint truncated
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_truncated_latest_checkpoint_falls_back_to_the_earlier_one(tmp_path, cluster_address):
+def test_truncated_latest_checkpoint_falls_back_to_the_earlier_one(tmp_path, ray_address):
     space = one_trial_space(tmp_path)
     exp_dir = tmp_path / "ray_results" / "trunc"
     with Sweep(tmp_path, ["--dataset", "digits", "--space", str(space), "--name", "trunc",
-                          "--address", cluster_address]) as sweep:
+                          "--address", ray_address]) as sweep:
         rows = sweep.wait_until("epoch 3", lambda: next(
             (r for r in rows_by_trial(exp_dir).values() if r[-1]["epoch"] >= 3), None))
         victim = rows[-1]["pid"]
@@ -252,7 +240,7 @@ def _stop(server: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, cluster_address):
+def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, ray_address):
     port = free_port()
     db, artifacts, server_log = tmp_path / "server.db", tmp_path / "artifacts", tmp_path / "server.log"
     password, token = "pw-S3CRET-4711", "tok-S3CRET-0815"
@@ -267,7 +255,7 @@ def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, cluster_address):
     exp_dir = work / "ray_results" / "down"
     try:
         with Sweep(work, ["--dataset", "digits", "--space", str(space), "--name", "down", "--mlflow-uri", uri,
-                          "--address", cluster_address], MLFLOW_TRACKING_TOKEN=token) as sweep:
+                          "--address", ray_address], MLFLOW_TRACKING_TOKEN=token) as sweep:
             sweep.wait_until("two trials at epoch 1", lambda: len(
                 [r for r in rows_by_trial(exp_dir).values() if r[-1]["epoch"] >= 1]) == 2)
             _stop(server)
@@ -306,7 +294,7 @@ def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, cluster_address):
 # --------------------------------------------------------- a diverging trial
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_diverging_trial_fails_alone_and_is_not_retried(tmp_path, cluster_address):
+def test_diverging_trial_fails_alone_and_is_not_retried(tmp_path, ray_address):
     """The sweep's own trainable, callback, scheduler and failure settings, with one trial's lr
     pushed to 1e30 through its config (a space file cannot reach it: lr is at most 1)."""
     import ray
@@ -327,7 +315,7 @@ def test_diverging_trial_fails_alone_and_is_not_retried(tmp_path, cluster_addres
               "train": {"num_workers": 0, "max_train_images": 200, "stop_drop": None}, "wsml_sweep": "nan",
               "scheme": "LL-R", "mode": "end-to-end", "delta_rel": 2.0,
               "lr": tune.grid_search([1e30, 1e-3, 2e-3])}
-    assert connect_ray(cluster_address)
+    assert connect_ray(ray_address)
     try:
         tuner = tune.Tuner(
             tune.with_resources(train_trial, {"cpu": 1}), param_space=config,
