@@ -195,7 +195,7 @@ class Trainer:
         start = time.perf_counter()
         graph = None
         for b, (index, images) in enumerate(self._loader(self.data.train.images, batches)):
-            flip = flips[b * cfg.batch_size: b * cfg.batch_size + len(index)]
+            flip = flips[b * cfg.batch_size: b * cfg.batch_size + len(index)] if cfg.hflip else None
             x = self._to_input(images, flip)
             index = index.to(self.device, non_blocking=True)
             if self.use_graph and len(index) == cfg.batch_size:
@@ -385,6 +385,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), bf16 or fp32")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cuda-graph", action="store_true", help="capture each training step as one CUDA graph")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flip in training (default: on, off for digits)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
     p.add_argument("--max-train-images", type=int, help="train on the first N images only (quick checks)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt and metrics.json; rerun to resume")
@@ -398,7 +400,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         linear_init_epochs=args.linear_init_epochs, weights=args.weights, arch=args.arch,
         image_size=args.image_size, data_root=args.data_root, cache_dir=args.cache_dir, seed=args.seed,
         obs_seed=args.obs_seed, device=args.device, precision=args.precision, num_workers=args.num_workers,
-        skip_bad_images=args.skip_bad_images, cuda_graph=args.cuda_graph, max_train_images=args.max_train_images).resolve()
+        skip_bad_images=args.skip_bad_images, cuda_graph=args.cuda_graph, hflip=args.hflip, max_train_images=args.max_train_images).resolve()
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:

@@ -58,7 +58,7 @@ def _load_digits(cfg: TrainConfig) -> WSMLData:
         val=Split(*splits["val"]), test=Split(*splits["test"]),
         train_observed=observe_single_positive(train.labels, cfg.obs_seed),
         expected_positives=float((train.labels == 1).sum(1).mean()),
-        observed_only_metric=False, image_key="digits:v1")
+        observed_only_metric=False, image_key="digits:v2")
 
 
 def _load_formatted(cfg: TrainConfig) -> WSMLData:
