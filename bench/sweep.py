@@ -250,16 +250,16 @@ def main(argv=None) -> int:
             print(f"\nreplays: the same sweep with search seeds {', '.join(map(str, seeds))} on the grid's "
                   "recorded curves (no training), with the space file's start points and without")
             replay = replay_trainable(curves_of(grid_rows), REPLAY_EPOCH_S)
-            for start in (space.start_with, "none"):
-                label = f"start_with {start}" if isinstance(start, str) else "the space file's start_with"
+            starts = [space.start_with] + (["none"] if space.start_with != "none" else [])
+            for i, start in enumerate(starts):
+                label = f"start_with {start}" if isinstance(start, str) else "the space file's start points"
                 variant = dataclasses.replace(space, start_with=start)
                 for seed in seeds:
                     variant.search_seed = seed
                     searcher, scheduler = search_and_scheduler(variant)
                     replays.setdefault(label, {})[seed], _ = run_tuner(
-                        f"replay-{start if isinstance(start, str) else 'list'}-{seed}", storage, variant,
-                        resources, base, searcher, scheduler, num_samples=variant.num_samples,
-                        trainable=replay, quiet=True)
+                        f"replay-{i}-{seed}", storage, variant, resources, base, searcher, scheduler,
+                        num_samples=variant.num_samples, trainable=replay, quiet=True)
     finally:
         if started:
             ray.shutdown()

@@ -186,7 +186,7 @@ class Trainer:
         cfg, n = self.cfg, len(self.data.train.labels)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)   # resumable without RNG state
         perm = torch.randperm(n, generator=g).numpy()
-        flips = torch.rand(n, generator=g) < 0.5
+        flips = torch.rand(n, generator=g) < 0.5 if cfg.hflip else None
         # sorted within a batch: the memmap is read in order, labels are looked up by index anyway
         batches = [np.sort(perm[i:i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
         self.model.train()
@@ -195,7 +195,7 @@ class Trainer:
         start = time.perf_counter()
         graph = None
         for b, (index, images) in enumerate(self._loader(self.data.train.images, batches)):
-            flip = flips[b * cfg.batch_size: b * cfg.batch_size + len(index)] if cfg.hflip else None
+            flip = None if flips is None else flips[b * cfg.batch_size: b * cfg.batch_size + len(index)]
             x = self._to_input(images, flip)
             index = index.to(self.device, non_blocking=True)
             if self.use_graph and len(index) == cfg.batch_size:
