@@ -9,6 +9,13 @@ warm-up over the same time window:
      trainer's real input pipeline, against the synthetic-input rate of the same step;
   4. aggregate images/s of 1, 2 and 4 trials in separate processes sharing the GPU.
 Without CUDA it says so and exits 0. Last line: `gpu ratio <x> (target 1.8)`.
+
+`--compact`: only the compact image cache (JPEG shards, `wsml.data.compact`) instead: an epoch
+read from it through the trainer's real input pipeline, with the JPEGs decoded in `--workers`
+DataLoader workers (the default, `image_decode: cpu`) and batched on the GPU with nvJPEG
+(`image_decode: gpu`), each against the synthetic-input rate of the same step; and what the
+loader alone delivers (no step). Without CUDA it measures the loader alone. Last line:
+`compact epoch ratio <best epoch rate / synthetic> (target 0.9)` (or `... no GPU`).
 """
 from __future__ import annotations
 
@@ -24,11 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from wsml.config import TrainConfig  # noqa: E402
-from wsml.data.loading import Split, WSMLData  # noqa: E402
-from wsml.train import Trainer, _GraphedStep  # noqa: E402
+from wsml.config import TrainConfig
+from wsml.data.loading import Split, WSMLData
+from wsml.train import Trainer, _GraphedStep
 
 BATCH, SIZE, CLASSES = 16, 448, 20
 
@@ -80,9 +85,9 @@ def synthetic_data(images: np.ndarray) -> WSMLData:
                     observed_only_metric=False, image_key="bench")
 
 
-def our_trainer(images: np.ndarray, precision: str, graph: bool, workers: int = 8) -> Trainer:
+def our_trainer(images: np.ndarray, precision: str, graph: bool, workers: int = 8, decode: str = "cpu") -> Trainer:
     cfg = TrainConfig(dataset="pascal", scheme="LL-R", delta_rel=0.2, weights="none", precision=precision,
-                      cuda_graph=graph, device="cuda", num_workers=workers).resolve()
+                      cuda_graph=graph, device="cuda", num_workers=workers, image_decode=decode).resolve()
     return Trainer(cfg, synthetic_data(images), torch.device("cuda"), log=lambda _m: None)
 
 
@@ -147,13 +152,73 @@ def cache_epoch(workdir: Path, count: int) -> tuple[float, float, float]:
     return epoch_rate, synthetic, build
 
 
+def loader_rate(images, workers: int, batches: int) -> float:
+    """images/s the trainer's DataLoader delivers from `images` with `workers` workers, no step."""
+    from wsml.train import _BatchReader
+
+    order = np.random.RandomState(0).permutation(len(images))
+    index = [np.sort(order[i:i + BATCH]) for i in range(0, min(len(order), batches * BATCH), BATCH)]
+    loader = torch.utils.data.DataLoader(_BatchReader(images, index), batch_size=None, num_workers=workers)
+    it = iter(loader)
+    for _ in range(min(4, len(index))):   # start the workers
+        next(it)
+    n, start = 0, time.perf_counter()
+    for _, batch in it:
+        n += len(batch)
+    return n / (time.perf_counter() - start)
+
+
+def compact_epochs(args) -> int:
+    """The `--compact` measurements; see the module docstring."""
+    from loader import make_images   # bench/loader.py's photo-like VOC-sized JPEGs (decode costs of a photo)
+
+    from wsml.data.compact import load_compact_cache
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="wsml-gpu-bench-"))
+    paths = make_images(workdir / "jpeg", args.images)
+    start = time.perf_counter()
+    cache = load_compact_cache(paths, SIZE, workdir / "cache", workers=os.cpu_count())
+    build = time.perf_counter() - start
+    print(f"compact cache: {args.images} JPEGs at {SIZE} px built in {build:.1f} s on {os.cpu_count()} cores, "
+          f"{cache.array.disk_bytes / args.images:.0f} bytes per image")
+    for w in args.workers:
+        print(f"loader alone, {w} workers decoding: {loader_rate(cache.array, w, 64):.0f} images/s")
+    if not torch.cuda.is_available():
+        print("compact epoch ratio: no GPU (CUDA) here; the loader figures above are what a GPU trial's "
+              "workers would deliver")
+        return 0
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    rates = {}
+    for decode in ("cpu", "gpu"):
+        for w in (args.workers if decode == "cpu" else [min(args.workers)]):
+            trainer = our_trainer(cache.array, "bf16", graph=True, workers=w, decode=decode)
+            trainer.train_epoch(2)                  # warm-up epoch: capture, cudnn autotuning, page cache
+            torch.cuda.synchronize()
+            rates[(decode, w)] = trainer.train_epoch(2)["images_per_s"]
+    x = trainer._to_input(torch.from_numpy(cache.array[np.arange(BATCH)]))
+    index = torch.arange(BATCH, device="cuda")
+    graphed = _GraphedStep(trainer, 2, x, index, warmup=False)
+    synthetic = timed(lambda: graphed(x, index), args.seconds)
+    for (decode, w), rate in rates.items():
+        how = f"CPU decode in {w} DataLoader workers" if decode == "cpu" else f"GPU decode (nvJPEG), {w} workers reading"
+        print(f"epoch from the compact cache, {how}: {rate:.1f} images/s vs synthetic input {synthetic:.1f} "
+              f"({rate / synthetic:.0%}; target 90 %)")
+    print(f"compact epoch ratio {max(rates.values()) / synthetic:.2f} (target 0.9)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="timing window per figure")
     parser.add_argument("--images", type=int, default=2048, help="generated JPEGs for the cache epoch")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--skip-sharing", action="store_true")
+    parser.add_argument("--compact", action="store_true", help="only the compact-cache epochs (see above)")
+    parser.add_argument("--workers", default="2,4", type=lambda v: [int(w) for w in v.split(",")],
+                        help="--compact: DataLoader worker counts to measure (a trial's CPUs: 4 in the space files)")
     args = parser.parse_args()
+    if args.compact:
+        return compact_epochs(args)
     if not torch.cuda.is_available():
         print("gpu: no CUDA device here; run this on a machine with a GPU (nothing measured)")
         return 0

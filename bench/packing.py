@@ -30,10 +30,6 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 WITHIN = 0.05       # a setting with fewer trials wins when within 5 % of the best
 

@@ -10,8 +10,8 @@ mAP falls 3 below its best) is off by default for both the grid and the sweep
 The sweep is the project's own: `search_spaces/digits.yaml` with the space
 narrowed to the same schemes, the same 5 delta_rel values as a choice and lr
 fixed, searched by the sweep's own seeded OptunaSearch + ASHAScheduler
-(`orchestration.sweep.search_and_scheduler`, the space file's start points
-first), with the sweep's own trainable (`orchestration.trainable.train_trial`,
+(`orchestration.tuner.build`, the same Tuner the sweep builds; the space
+file's start points first), with the sweep's own trainable (`orchestration.trainable.train_trial`,
 checkpoints every epoch) and resources. No MLflow: Ray's results go to a
 temporary folder.
 
@@ -22,14 +22,22 @@ val_map is within 1 of the grid's best.
 
 Which configurations a sweep samples, and when, depends on its search seed,
 so the same sweep is also run with more seeds (`--replay-seeds`) through the
-same Tune machinery (OptunaSearch + ASHA, same resources), with a trainable
+same Tune machinery (OptunaSearch + ASHA), with a trainable
 that replays the grid's recorded curve of each configuration instead of
 training it. That is exact because the trainer is deterministic (one seed, same
 data): the real sweep's trials are checked to reproduce the grid's curves.
 The replays run once with the space file's start points (the paper's default
 of each scheme first, as the real sweep) and once without (`start_with: none`:
-what TPE and ASHA find on their own). Last line (the real sweep's):
-`sweep ratio <sweep epochs to target / grid epochs> (target 0.35)`.
+what the search finds on its own), each at the concurrency levels of
+`--max-concurrent` (trials proposed ahead of results and running at once; by
+default 1, fully sequential, and num_samples, all at once: the sweep's
+default, so that an autoscaler sees every trial's demand). A proposal of a
+configuration the sweep has trained already is answered from its record and
+trains nothing (`orchestration.per_scheme`), so it adds no epochs. Last line:
+the median over the search seeds of the replays without start points at the
+first concurrency level, `sweep ratio <epochs to target / grid epochs> (target
+0.25)` (`inf`: not reached in most seeds; without replays, the real sweep's
+ratio).
 """
 from __future__ import annotations
 
@@ -39,24 +47,26 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from wsml.config import DEFAULTS, LL_SCHEMES
 
-from orchestration.space import FloatParam, load_space, with_overrides  # noqa: E402
-from wsml.config import DEFAULTS, LL_SCHEMES  # noqa: E402
+from orchestration.space import FloatParam, load_space, with_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DATASET = "digits"
 # False negatives are ~15 % of all entries on digits (VOC/COCO ~2 %), so the
 # paper's 0.1-0.5 % per epoch becomes 0.5-4 % here; 2 % is the digits default.
 DELTAS = (0.5, 1.0, 2.0, 3.0, 4.0)
 TOLERANCE = 1.0   # mAP points
-TARGET = 0.35
+TARGET = 0.25
 REPLAY_EPOCH_S = 0.5   # a replayed epoch: long against a trial's start-up (~1 s), as a real one (~4 s) is
+REPLAY_RESOURCES = {"cpu": 0.01, "gpu": 0}   # a replay sleeps: any number of them run at once on this machine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-trial", type=float, default=None, help="default: the space file's")
     p.add_argument("--replay-seeds", default="1,2,3,4,5",
                    help="more search seeds, replayed on the grid's recorded curves (no training; '' for none)")
+    p.add_argument("--max-concurrent", default=None,
+                   help="comma list: the replays' concurrency levels (trials proposed and running at once; "
+                        "default: 1 and num_samples)")
     p.add_argument("--grid-json", default=None,
                    help="where the grid's reported results are written; if the file exists, the grid is read "
                         "from it instead of being trained again (it must match the other options)")
@@ -128,29 +141,23 @@ def recorder(quiet: bool = False):
     return Recorder()
 
 
-def run_tuner(name: str, storage: str, space, resources, param_space, searcher=None, scheduler=None,
-              num_samples: int = 1, trainable=None, quiet: bool = False):
-    from ray import tune
-
-    from orchestration.sweep import METRIC, MODE
-    from orchestration.trainable import train_trial, trial_dirname
+def run_tuner(name: str, storage: str, space, resources, param_space, *, search: bool, num_samples: int = 1,
+              trainable=None, quiet: bool = False):
+    """Run one Tuner built exactly as the sweep builds it (`orchestration.tuner.build`)."""
+    from orchestration import tuner
+    from orchestration.trainable import train_trial
 
     rec = recorder(quiet)
-    tuner = tune.Tuner(
-        tune.with_resources(trainable or train_trial, resources), param_space=param_space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=num_samples, reuse_actors=True,
-                                    trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=name, storage_path=storage,
-                                  failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
-                                  callbacks=[rec], verbose=0))
     start = time.monotonic()
-    results = tuner.fit()
+    the_tuner = tuner.build(space, name=name, storage=storage, trainable=trainable or train_trial,
+                            resources=resources, param_space=param_space, num_samples=num_samples, search=search,
+                            callbacks=[rec], verbose=0)
+    results = the_tuner.fit()
     errors = [r.error for r in results if r.error is not None]
     if errors:
         raise SystemExit(f"error: {len(errors)} trial(s) of {name} failed: {errors[0]}")
-    return rec.rows, time.monotonic() - start
+    answered = len(tuner.search_outcome(the_tuner).reused) if search else 0
+    return rec.rows, time.monotonic() - start, answered
 
 
 def curves_of(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
@@ -195,7 +202,8 @@ def main(argv=None) -> int:
     import ray
     from ray import tune
 
-    from orchestration.sweep import connect_ray, param_space, search_and_scheduler, trial_resources
+    from orchestration import cluster
+    from orchestration import trial as trial_config
 
     space, deltas = bench_space(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="wsml-bench-sweep-"))
@@ -206,12 +214,14 @@ def main(argv=None) -> int:
     print(f"digits: schemes {', '.join(LL_SCHEMES)} x delta_rel {', '.join(f'{d:g}' for d in deltas)} % "
           f"(false negatives are ~15 % of entries here), lr {lr:g} fixed, {space.epochs} epochs{sub}, "
           f"trainer stop rule {'off' if args.stop_drop is None else f'{args.stop_drop:g} mAP'}")
-    started = connect_ray(None)
+    started = cluster.connect(None)
     try:
-        resources = trial_resources(space, remote=False)
+        resources = cluster.trial_resources(space.resources.cpus_per_trial, space.resources.gpus_per_trial,
+                                            remote=False)
         print(f"trials: {resources['cpu']:g} CPU each on {ray.cluster_resources().get('CPU', 0):g} CPUs; "
               f"Ray results in {storage}")
-        base = param_space(space, "bench", None, str((ROOT / ".cache").resolve()))
+        base = trial_config.base_config(dataset=space.dataset, epochs=space.epochs, train=space.train,
+                                        sweep="bench", data_root=None, cache_dir=str((ROOT / ".cache").resolve()))
         settings = {"epochs": space.epochs, "deltas": deltas, "lr": lr, "train": space.train}
 
         # 1. the grid, as one runs the published code: every configuration, all epochs
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
             grid_rows, grid_s = data["rows"], data["seconds"]
             print(f"  read from {saved} (not trained again)")
         else:
-            grid_rows, grid_s = run_tuner("grid", storage, space, resources, grid_space)
+            grid_rows, grid_s, _ = run_tuner("grid", storage, space, resources, grid_space, search=False)
             if saved is not None:
                 saved.write_text(json.dumps({"settings": settings, "rows": grid_rows, "seconds": grid_s}))
 
@@ -237,29 +247,32 @@ def main(argv=None) -> int:
         print(f"\nsweep: {space.num_samples} trials, OptunaSearch (seed {space.search_seed}, start_with "
               f"{space.start_with}) + ASHA (grace {grace}, "
               f"rf {space.scheduler.reduction_factor:g}, max_t {space.epochs})")
-        searcher, scheduler = search_and_scheduler(space)
-        sweep_rows, sweep_s = run_tuner("sweep", storage, space, resources, base, searcher, scheduler,
-                                        num_samples=space.num_samples)
+        sweep_rows, sweep_s, sweep_answered = run_tuner("sweep", storage, space, resources, base, search=True,
+                                                        num_samples=space.num_samples)
 
         # 3. the same sweep with other search seeds, replaying the grid's curves (a sweep is a lottery
         #    of which configurations it samples and when: one seed says little)
         #    Also without the start points: what TPE + ASHA find on their own.
-        replays: dict[str, dict[int, list[dict]]] = {}
+        replays: dict[str, dict[int, tuple[list[dict], int]]] = {}
         seeds = [int(x) for x in args.replay_seeds.split(",") if x.strip()]
         if seeds:
             print(f"\nreplays: the same sweep with search seeds {', '.join(map(str, seeds))} on the grid's "
                   "recorded curves (no training), with the space file's start points and without")
             replay = replay_trainable(curves_of(grid_rows), REPLAY_EPOCH_S)
             starts = [space.start_with] + (["none"] if space.start_with != "none" else [])
+            levels = ([int(x) for x in args.max_concurrent.split(",")] if args.max_concurrent
+                      else sorted({1, space.num_samples}))
             for i, start in enumerate(starts):
-                label = f"start_with {start}" if isinstance(start, str) else "the space file's start points"
-                variant = dataclasses.replace(space, start_with=start)
-                for seed in seeds:
-                    variant.search_seed = seed
-                    searcher, scheduler = search_and_scheduler(variant)
-                    replays.setdefault(label, {})[seed], _ = run_tuner(
-                        f"replay-{i}-{seed}", storage, variant, resources, base, searcher, scheduler,
-                        num_samples=variant.num_samples, trainable=replay, quiet=True)
+                for level in levels:
+                    label = (f"start_with {start}" if isinstance(start, str) else "the space file's start points") \
+                        + f", max_concurrent {level}"
+                    variant = dataclasses.replace(space, start_with=start, max_concurrent=level).validate()
+                    for seed in seeds:
+                        variant.search_seed = seed
+                        rows, _, answered = run_tuner(
+                            f"replay-{i}-{level}-{seed}", storage, variant, REPLAY_RESOURCES, base, search=True,
+                            num_samples=variant.num_samples, trainable=replay, quiet=True)
+                        replays.setdefault(label, {})[seed] = (rows, answered)
     finally:
         if started:
             ray.shutdown()
@@ -296,10 +309,11 @@ def main(argv=None) -> int:
     sweep_best = float(sweep["best_val_map"].max())
     trials = sweep.groupby("trial").agg(scheme=("scheme", "first"), delta_rel=("delta_rel", "first"),
                                         epochs=("epoch", "count"), best=("best_val_map", "max"))
-    print(f"\nsweep trials (in order of their first result):")
+    print("\nsweep trials (in order of their first result):")
     order = sweep.drop_duplicates("trial")["trial"].tolist()
     print(trials.loc[order].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"sweep best {sweep_best:.2f}; {len(trials)} trials, {len(sweep_rows)} epochs in total ({sweep_s:.0f} s)")
+    print(f"sweep best {sweep_best:.2f}; {len(trials)} trials, {len(sweep_rows)} epochs in total ({sweep_s:.0f} s); "
+          f"{sweep_answered} proposal(s) of configurations already trained answered without training")
     if n is None:
         print(f"sweep epochs to target (val mAP >= {target:.2f}): not reached")
         ratio = math.inf
@@ -315,19 +329,25 @@ def main(argv=None) -> int:
              for r in sweep_rows]
     print(f"the sweep's trials reproduce the grid's curves of the same configurations: largest val mAP "
           f"difference {max(diffs):.2g} over {len(diffs)} epochs")
+    print(f"the real sweep (trained, the space file's start points first): ratio {ratio:.2f}")
+    final, final_label = ratio, "the real sweep's (no replays)"
     for label, runs in replays.items():
-        print(f"replayed sweeps, {label} (seed: epochs to target / total):")
+        print(f"replayed sweeps, {label} (seed: epochs to target / epochs in all; proposals answered without "
+              "training):")
         ratios = []
-        for seed, rows in runs.items():
+        for seed, (rows, answered) in runs.items():
             k = epochs_to_target(rows, target)
             ratios.append(math.inf if k is None else k / grid_epochs)
             print(f"  seed {seed}: {'not reached' if k is None else k} / {len(rows)}"
-                  + ("" if k is None else f"  (ratio {k / grid_epochs:.2f})"))
-        ratios.sort()
+                  + ("" if k is None else f"  (ratio {k / grid_epochs:.2f})") + f"; {answered} answered")
+        median = statistics.median(ratios)
         hit = sum(r <= TARGET for r in ratios)
-        print(f"replayed ratios, {label}: median {ratios[len(ratios) // 2]:.2f}; {hit} of {len(ratios)} seeds "
-              f"reach the target within {TARGET} of the grid's epochs")
-    print(f"sweep ratio {ratio:.2f} (target {TARGET})")
+        print(f"replayed ratios, {label}: median {median:.2f}; {hit} of {len(ratios)} seeds reach the target "
+              f"within {TARGET} of the grid's epochs")
+        if final_label.startswith("the real") and label.startswith("start_with none"):
+            final, final_label = median, f"{label}: median over search seeds {', '.join(map(str, runs))}"
+    print(f"({final_label})")
+    print(f"sweep ratio {final:.2f} (target {TARGET})")
     return 0
 
 

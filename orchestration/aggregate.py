@@ -28,26 +28,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import re
 import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
 
-if __package__ in (None, ""):  # run as a script: make `orchestration` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from wsml.files import atomic_write
+from wsml.progress import Progress
 
-from orchestration import paper, tracking as T  # noqa: E402
-from wsml.errors import WSMLError  # noqa: E402
+from orchestration import paper, paper_boostlu, store
+from orchestration import common as T
+from orchestration.common import AggregateError, first_line, method_name, redact
 
-__all__ = ["AggregateError", "AggregateResult", "aggregate", "load_runs", "main"]
+__all__ = ["AggregateResult", "aggregate", "load_runs", "main"]
 
 FINISHED = "FINISHED"
 FAILED_STATUSES = ("FAILED", "KILLED")
@@ -55,10 +50,6 @@ UNFINISHED_STATUSES = ("RUNNING", "SCHEDULED")
 EMPTY = "–"           # marks a cell without runs
 # Params that are bookkeeping, never part of "the best configuration".
 _NOT_CONFIG = {"seed", "scheme", "mode", "dataset", "trial_id", "data_root", "cache_dir", "device"}
-
-
-class AggregateError(WSMLError):
-    """Nothing to aggregate (empty/missing store, unknown experiment, no finished runs)."""
 
 
 @dataclass
@@ -74,57 +65,44 @@ class AggregateResult:
     files: list[Path] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    importance: pd.DataFrame | None = None   # per scheme, Optuna's importance of each searched value
 
 
 # --------------------------------------------------------------------------- reading
 
-def _default_uri() -> str:
-    import mlflow
-    return mlflow.get_tracking_uri()
-
-
-def _check_store_exists(uri: str) -> None:
-    """A local store that does not exist is an error (and must not be created)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        # sqlite:///relative.db, sqlite:////abs/path.db
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path
-        path = unquote(path.split("?", 1)[0])
-        if path in ("", ":memory:") or not Path(path).is_file():
-            raise AggregateError(f"no MLflow store at {uri} (file {path or '?'} does not exist): "
-                                 "run a sweep first or pass --mlflow-uri")
-    elif parsed.scheme in ("", "file"):
-        path = unquote(parsed.path) if parsed.scheme == "file" else uri
-        if not Path(path).is_dir():
-            raise AggregateError(f"no MLflow store at {uri} (folder {path} does not exist): "
-                                 "run a sweep first or pass --mlflow-uri")
-
-
-@contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """Point the fluent MLflow API at `uri` and restore the caller's setting after."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tu
-
-    if mlflow.get_tracking_uri() == uri:
-        yield
-        return
-    old_global = tu._tracking_uri
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
+def _check_store(uri: str) -> None:
+    """The store can be read: a server answers (within seconds), a local store exists (and is not
+    created by reading it)."""
     try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_global)
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
+        store.check_uri(uri)
+    except T.TrackingError as err:
+        raise AggregateError(str(err)) from None
+    path = store.local_path(uri)
+    if path is not None and not path.exists():
+        raise AggregateError(f"no MLflow store at {redact(uri)} ({path} does not exist): run a sweep first or "
+                             "pass --mlflow-uri")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+def _runs_frame(client, experiment_ids: list[str]) -> pd.DataFrame:
+    """Every active run of the experiments, one row each: run_id, experiment_id, status, start_time,
+    and a `tags.*`, `params.*`, `metrics.*` column per name (as `mlflow.search_runs` lays them out)."""
+    from mlflow.entities import ViewType
+
+    rows, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                  page_token=token)
+        for r in page:
+            row = {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "status": r.info.status,
+                   "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True),
+                   "end_time": pd.to_datetime(r.info.end_time, unit="ms", utc=True)}
+            row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+            row.update({f"params.{k}": v for k, v in r.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)
 
 
 def _col(df: pd.DataFrame, name: str, default=None) -> pd.Series:
@@ -146,13 +124,14 @@ def _normalise(raw: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
     """One row per run with the project's fields as plain columns."""
     if raw.empty:
         raw = pd.DataFrame({c: pd.Series(dtype=object)
-                            for c in ("run_id", "experiment_id", "status", "start_time")})
+                            for c in ("run_id", "experiment_id", "status", "start_time", "end_time")})
     df = pd.DataFrame(index=raw.index)
     df["run_id"] = raw["run_id"].astype(str)
     df["experiment_id"] = raw["experiment_id"].astype(str)
     df["experiment"] = df["experiment_id"].map(names).fillna("")
     df["status"] = _text(raw["status"])
     df["start_time"] = raw["start_time"]
+    df["end_time"] = _col(raw, "end_time")
     df["run_name"] = _text(_col(raw, "tags.mlflow.runName"))
     df["parent_run_id"] = _text(_col(raw, f"tags.{T.TAG_PARENT}"))
 
@@ -166,14 +145,18 @@ def _normalise(raw: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
     role = role.where((role != "") | (df["parent_run_id"] == ""), T.ROLE_TRIAL)
     df["role"] = role
     df["dataset"] = tag_or_param(T.TAG_DATASET, "dataset")
-    df["scheme"] = tag_or_param(T.TAG_SCHEME, "scheme")
+    df["base_scheme"] = tag_or_param(T.TAG_SCHEME, "scheme")
+    # The table row: "<scheme> + BoostLU" for runs with the BoostLU head (tag, else the param).
+    boostlu = ~_text(_col(raw, "params.boostlu_alpha")).isin(["", "None", "nan"])
+    derived = df["base_scheme"].where(~boostlu, df["base_scheme"] + " + BoostLU")
+    df["scheme"] = _text(_col(raw, f"tags.{T.TAG_METHOD}")).where(lambda m: m != "", derived)
     df["mode"] = tag_or_param(T.TAG_MODE, "mode", "end-to-end")
     df["seed"] = tag_or_param(T.TAG_SEED, "seed")
     df["trial_id"] = _text(_col(raw, f"tags.{T.TAG_TRIAL_ID}"))
     df["end_reason"] = _text(_col(raw, f"tags.{T.TAG_STATUS_REASON}"))
     df["epochs_cfg"] = _num(_col(raw, "params.epochs"))
     for metric in (T.TEST_MAP, T.BEST_VAL_MAP, T.BEST_EPOCH, T.EPOCHS_RUN, T.GPU_HOURS,
-                   T.TRAIN_HOURS, *paper.OPENIMAGES_METRICS.values()):
+                   T.TRAIN_HOURS, T.REUSED_PROPOSALS, *paper.OPENIMAGES_METRICS.values()):
         df[metric] = _num(_col(raw, f"metrics.{metric}", np.nan))
     params = [c for c in raw.columns if c.startswith("params.")]
     for c in params:
@@ -207,14 +190,13 @@ def load_runs(mlflow_uri: str | None = None,
     Raises AggregateError when the store is missing or empty, an experiment is
     unknown, or a named experiment holds no finished runs.
     """
-    import mlflow
     from mlflow.entities import ViewType
-    from mlflow.tracking import MlflowClient
 
-    uri = mlflow_uri or _default_uri()
-    _check_store_exists(uri)
+    uri = store.resolve_uri(mlflow_uri) if mlflow_uri else store.default_uri()
+    _check_store(uri)
+    shown = redact(uri)
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = store.client(uri)
         all_exps, token = [], None
         while True:
             page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000,
@@ -224,28 +206,26 @@ def load_runs(mlflow_uri: str | None = None,
             if not token:
                 break
     except Exception as err:  # noqa: BLE001 - any store failure becomes one clear line
-        raise AggregateError(f"cannot read MLflow store {uri}: {_first_line(err)}") from err
+        raise AggregateError(f"cannot read MLflow store {shown}: {first_line(err)}") from None
     by_name = {e.name: e for e in all_exps}
     if experiments:
         unknown = [n for n in experiments if n not in by_name]
         if unknown:
             known = ", ".join(sorted(by_name)) or "none"
             raise AggregateError(f"unknown experiment {', '.join(map(repr, unknown))} in MLflow store "
-                                 f"{uri} (experiments there: {known})")
+                                 f"{shown} (experiments there: {known})")
         chosen = [by_name[n] for n in dict.fromkeys(experiments)]
     else:
         chosen = all_exps
     if not chosen:
-        raise AggregateError(f"MLflow store {uri} holds no experiments: run a sweep first")
+        raise AggregateError(f"MLflow store {shown} holds no experiments: run a sweep first")
     chosen.sort(key=lambda e: (int(e.experiment_id) if e.experiment_id.isdigit() else math.inf,
                                e.experiment_id))     # creation order
     names = {e.experiment_id: e.name for e in chosen}
     try:
-        with _tracking_uri(uri):
-            raw = mlflow.search_runs(experiment_ids=list(names), output_format="pandas",
-                                     run_view_type=ViewType.ACTIVE_ONLY)
+        raw = _runs_frame(client, list(names))
     except Exception as err:  # noqa: BLE001
-        raise AggregateError(f"cannot read runs from MLflow store {uri}: {_first_line(err)}") from err
+        raise AggregateError(f"cannot read runs from MLflow store {shown}: {first_line(err)}") from None
     runs = _normalise(raw, names)
     runs = runs[runs["role"].isin([T.ROLE_SWEEP, T.ROLE_TRIAL, T.ROLE_FINAL])].reset_index(drop=True)
     done = runs[runs["role"].isin([T.ROLE_TRIAL, T.ROLE_FINAL]) & (runs["status"] == FINISHED)]
@@ -255,14 +235,14 @@ def load_runs(mlflow_uri: str | None = None,
             if not (done["experiment"] == name).any():
                 states = ", ".join(f"{n} {s.lower()}" for s, n in mine["status"].value_counts().items())
                 what = f"{len(mine)} trial/final run(s): {states}" if len(mine) else "no trial or final runs"
-                raise AggregateError(f"experiment {name!r} in {uri} has no finished runs ({what})")
+                raise AggregateError(f"experiment {name!r} in {shown} has no finished runs ({what})")
         used = list(dict.fromkeys(experiments))
     else:
         used = [names[i] for i in names if (done["experiment"] == names[i]).any()]
         if not used:
             if runs.empty:
-                raise AggregateError(f"MLflow store {uri} holds no sweep runs: run a sweep first")
-            raise AggregateError(f"MLflow store {uri} holds sweep runs but none finished")
+                raise AggregateError(f"MLflow store {shown} holds no sweep runs: run a sweep first")
+            raise AggregateError(f"MLflow store {shown} holds sweep runs but none finished")
     runs = runs[runs["experiment"].isin(used)].reset_index(drop=True)
     return runs, used, uri
 
@@ -285,8 +265,12 @@ def _dataset_order(datasets) -> list[str]:
 
 
 def _method_order(methods) -> list[str]:
+    """The paper's rows first, each followed by its BoostLU row (as in the BoostLU paper), then the rest."""
     methods = [m for m in dict.fromkeys(methods) if m]
-    return [m for m in paper.METHODS if m in methods] + sorted(m for m in methods if m not in paper.METHODS)
+    out = []
+    for m in paper.METHODS:
+        out += [x for x in (m, method_name(m, 1.0)) if x in methods]
+    return out + sorted(m for m in methods if m not in out)
 
 
 def _mode_order(modes) -> list[str]:
@@ -310,6 +294,20 @@ def _pick_experiment(group: pd.DataFrame, label: str, notes: list[str]) -> pd.Da
     return group[group["experiment"] == chosen]
 
 
+def _cell(finals: pd.DataFrame, method: str | None, ds: str, mode: str, ref: float | None, label: str,
+          notes: list[str], metric: str = T.TEST_MAP) -> dict:
+    """One table cell from the final runs of (method, data set, mode): mean, std, n beside the paper's number."""
+    cell = finals[(finals["dataset"] == ds) & (finals["mode"] == mode) & (finals["scheme"] == method)]
+    cell = _pick_experiment(cell, label, notes) if len(cell) else cell
+    mean, std, n = _stats(cell[metric].to_numpy(dtype=float))
+    return {"dataset": ds, "dataset_label": paper.DATASET_LABELS.get(ds, ds),
+            "mode": mode, "mode_label": paper.MODE_LABELS.get(mode, mode), "mean": mean, "std": std, "n": n,
+            "paper": math.nan if ref is None else ref,
+            "diff": round(mean - ref, 9) if (n and ref is not None) else math.nan,
+            "experiment": ", ".join(sorted(set(cell["experiment"]))),
+            "seeds": ", ".join(sorted(cell["seed"].astype(str), key=_seed_key))}
+
+
 def table1_frame(runs: pd.DataFrame, notes: list[str] | None = None) -> pd.DataFrame:
     """Tidy Table 1: one row per (method, dataset, mode), empty cells with n = 0."""
     notes = [] if notes is None else notes
@@ -322,22 +320,30 @@ def table1_frame(runs: pd.DataFrame, notes: list[str] | None = None) -> pd.DataF
     for mode in modes:
         for ds in datasets:
             for method in methods:
-                cell = finals[(finals["dataset"] == ds) & (finals["mode"] == mode)
-                              & (finals["scheme"] == method)]
                 label = f"{method} {paper.DATASET_LABELS.get(ds, ds)} {paper.MODE_LABELS.get(mode, mode)}"
-                cell = _pick_experiment(cell, label, notes) if len(cell) else cell
-                mean, std, n = _stats(cell[T.TEST_MAP].to_numpy(dtype=float))
-                ref = paper.table1(method, ds, mode)
-                rows.append({
-                    "method": method, "dataset": ds,
-                    "dataset_label": paper.DATASET_LABELS.get(ds, ds),
-                    "mode": mode, "mode_label": paper.MODE_LABELS.get(mode, mode),
-                    "mean": mean, "std": std, "n": n,
-                    "paper": math.nan if ref is None else ref,
-                    "diff": round(mean - ref, 9) if (n and ref is not None) else math.nan,
-                    "experiment": ", ".join(sorted(set(cell["experiment"]))),
-                    "seeds": ", ".join(sorted(cell["seed"].astype(str), key=_seed_key)),
-                })
+                rows.append({"method": method, **_cell(finals, method, ds, mode, paper.table1(method, ds, mode),
+                                                       label, notes)})
+    return pd.DataFrame(rows)
+
+
+def boostlu_frame(runs: pd.DataFrame, notes: list[str] | None = None) -> pd.DataFrame | None:
+    """Tidy BoostLU table: the rows of the BoostLU paper's single-positive table (its published numbers),
+    per data set (its four, then every other data set with runs), our final runs beside them; None
+    when no run used BoostLU."""
+    notes = [] if notes is None else notes
+    nested = runs[runs["role"].isin([T.ROLE_TRIAL, T.ROLE_FINAL])]
+    if not nested["scheme"].str.endswith(method_name("", 1.0)).any():
+        return None
+    finals = _final_runs(runs)
+    datasets = list(paper_boostlu.DATASETS) + [d for d in _dataset_order(nested["dataset"])
+                                               if d not in paper_boostlu.DATASETS + ("openimages",)]
+    rows = []
+    for ds in datasets:
+        for key, row in paper_boostlu.SINGLE_POSITIVE_ROWS.items():
+            method = method_name(row.scheme, 1.0 if row.boostlu else None) if row.scheme else None
+            label = f"{key} {paper.DATASET_LABELS.get(ds, ds)} (BoostLU table)"
+            cell = _cell(finals, method, ds, row.mode, paper_boostlu.single_positive(key, ds), label, notes)
+            rows.append({"method": key, **cell, "mode_label": "single positive label"})
     return pd.DataFrame(rows)
 
 
@@ -469,6 +475,39 @@ def _sweep_row(sweep, ds, mode, scheme, runs, keys, best_config=True) -> dict:
     }
 
 
+ESTIMATE_COLUMNS = ["sweep", "device", "slots", "epochs_estimated", "epochs_most", "epochs_spent",
+                    "trial_hours_estimated", "trial_hours_spent", "gpu_hours_estimated", "gpu_hours_spent",
+                    "wall_s_estimated", "wall_s_spent", "reused_proposals"]
+
+
+def estimates_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per sweep whose run holds the estimate made at its start (`estimate.*` params): it beside what the
+    search and the final stage spent (epochs, trial-hours, GPU-hours) and the sweep run's wall time."""
+    rows = []
+    for sweep in dict.fromkeys(runs["experiment"]):
+        mine = runs[runs["experiment"] == sweep]
+        parent = mine[mine["role"] == T.ROLE_SWEEP]
+        col = f"params.{T.ESTIMATE_PREFIX}epochs"
+        if parent.empty or col not in parent.columns or not str(parent.iloc[0].get(col) or ""):
+            continue
+        p = parent.iloc[0]
+        est = {k: p.get(f"params.{T.ESTIMATE_PREFIX}{k}") for k in ("device", "slots", "epochs", "epochs_most",
+                                                                    "trial_hours", "gpu_hours", "wall_s")}
+        nested = mine[mine["role"].isin([T.ROLE_TRIAL, T.ROLE_FINAL])]
+        wall = ((p["end_time"] - p["start_time"]).total_seconds()
+                if p["status"] == FINISHED and pd.notna(p.get("end_time")) else math.nan)
+        rows.append({"sweep": sweep, "device": est["device"], "slots": _num(pd.Series([est["slots"]])).iloc[0],
+                     "epochs_estimated": float(est["epochs"]), "epochs_most": float(est["epochs_most"]),
+                     "epochs_spent": float(np.nansum(nested[T.EPOCHS_RUN].to_numpy(dtype=float))),
+                     "trial_hours_estimated": float(est["trial_hours"]),
+                     "trial_hours_spent": float(np.nansum(nested[T.TRAIN_HOURS].to_numpy(dtype=float))),
+                     "gpu_hours_estimated": float(est["gpu_hours"]),
+                     "gpu_hours_spent": float(np.nansum(nested[T.GPU_HOURS].to_numpy(dtype=float))),
+                     "wall_s_estimated": float(est["wall_s"]), "wall_s_spent": wall,
+                     "reused_proposals": float(np.nan_to_num(p.get(T.REUSED_PROPOSALS, np.nan)))})
+    return pd.DataFrame(rows, columns=ESTIMATE_COLUMNS)
+
+
 # --------------------------------------------------------------------------- rendering
 
 def format_cell(mean: float, std: float, n: int, ref: float) -> str:
@@ -515,10 +554,11 @@ LEGEND = ("Cells: test mAP (%) of the final-seed runs (role=final) as mean ± sa
           f"{EMPTY} = no final runs.")
 
 
-def render_table1(tidy: pd.DataFrame, experiments: list[str], notes: list[str]) -> tuple[str, str, str]:
-    """(markdown, csv, latex) of Table 1."""
+def render_table1(tidy: pd.DataFrame, experiments: list[str], notes: list[str],
+                  title: str = "Table 1: test mAP, ours vs. the paper", label: str = "tab:table1") -> tuple[str, str, str]:
+    """(markdown, csv, latex) of Table 1 (or of a table laid out as it: the BoostLU table)."""
     wide = table1_wide(tidy)
-    md = ["# Table 1: test mAP, ours vs. the paper", "",
+    md = [f"# {title}", "",
           f"Sweeps: {', '.join(experiments)}. {LEGEND}", "",
           _flat(wide).to_markdown(), ""]
     if notes:
@@ -533,7 +573,7 @@ def render_table1(tidy: pd.DataFrame, experiments: list[str], notes: list[str]) 
         hrules=True, multicol_align="c", column_format="l" + "l" * len(wide.columns),
         caption="Test mAP (\\%): mean $\\pm$ sample std over final seeds (n); paper; "
                 "$\\Delta$ = ours $-$ paper. -- = no final runs.",
-        label="tab:table1")
+        label=label)
     return "\n".join(md), csv, tex
 
 
@@ -556,7 +596,7 @@ def render_openimages(tidy: pd.DataFrame, notes: list[str]) -> tuple[str, str]:
     return "\n".join(md), csv
 
 
-def render_sweeps(sweeps: pd.DataFrame) -> tuple[str, str]:
+def render_sweeps(sweeps: pd.DataFrame, estimates: pd.DataFrame | None = None) -> tuple[str, str]:
     md = ["# Sweeps", "",
           "Per scheme: search trials (role=trial) and how they ended (asha_stopped = stopped early "
           "by ASHA; stop_drop = validation mAP fell too far below its best), epochs and GPU-hours "
@@ -576,33 +616,31 @@ def render_sweeps(sweeps: pd.DataFrame) -> tuple[str, str]:
             part[c] = part[c].map(lambda v: f"{v:.2f}" if math.isfinite(v) else EMPTY)
         md += [f"## {sweep} ({paper.DATASET_LABELS.get(ds, ds)}, {paper.MODE_LABELS.get(mode, mode)})",
                "", part.to_markdown(index=False), ""]
+    if estimates is not None and not estimates.empty:
+        md += ["## Estimated at the start vs spent", "",
+               "What `orchestration/sweep.py` estimated when the sweep started (`--dry-run` prints the same, "
+               "with its assumptions) beside what its search and final stage spent: epochs (expected; at "
+               "most), trial-hours, GPU-hours, and the sweep's wall time (first start to end; `–` while it "
+               "has not finished). Reused: proposals answered from recorded results instead of trained.", ""]
+        shown = pd.DataFrame({
+            "sweep": estimates["sweep"], "device": estimates["device"],
+            "trials at once": estimates["slots"].map(lambda v: f"{v:g}"),
+            "epochs est. (most)": [f"{e:g} ({m:g})" for e, m in zip(estimates["epochs_estimated"],
+                                                                     estimates["epochs_most"])],
+            "epochs spent": estimates["epochs_spent"].map(lambda v: f"{v:g}"),
+            "trial-h est.": estimates["trial_hours_estimated"].map(lambda v: f"{v:.3g}"),
+            "trial-h spent": estimates["trial_hours_spent"].map(lambda v: f"{v:.3g}"),
+            "GPU-h est.": estimates["gpu_hours_estimated"].map(lambda v: f"{v:.3g}"),
+            "GPU-h spent": estimates["gpu_hours_spent"].map(lambda v: f"{v:.3g}"),
+            "wall est.": estimates["wall_s_estimated"].map(lambda v: f"{v:,.0f} s"),
+            "wall spent": estimates["wall_s_spent"].map(lambda v: f"{v:,.0f} s" if math.isfinite(v) else EMPTY),
+            "reused": estimates["reused_proposals"].map(lambda v: f"{v:g}")})
+        md += [shown.to_markdown(index=False), ""]
     csv = sweeps.to_csv(index=False, float_format="%.6g")
     return "\n".join(md), csv
 
 
 # --------------------------------------------------------------------------- writing
-
-def atomic_write(path: Path, data: str | bytes) -> Path:
-    """Write `data` to `path` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "sweep"
-
 
 def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = None,
               out_dir: str | Path = "results", *, figures: bool = True) -> AggregateResult:
@@ -616,6 +654,7 @@ def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = Non
     notes: list[str] = []
     t1 = table1_frame(runs, notes)
     oi = openimages_frame(runs, notes)
+    boost = boostlu_frame(runs, notes)
     sw = sweeps_frame(runs)
     out = Path(out_dir)
     result = AggregateResult(out_dir=out, experiments=used, runs=runs, table1=None, openimages=None,
@@ -628,12 +667,16 @@ def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = Non
         outputs += [("table1.md", md), ("table1.csv", csv), ("table1.tex", tex)]
     else:
         notes.append("no finished final-seed runs (role=final) yet: table1 not written")
+    if boost is not None and (boost["n"] > 0).any():
+        md, csv, tex = render_table1(boost, used, [], title="BoostLU (CVPR 2023), single positive label: test "
+                                     "mAP, ours vs. the BoostLU paper", label="tab:boostlu")
+        outputs += [("boostlu.md", md), ("boostlu.csv", csv), ("boostlu.tex", tex)]
     if oi is not None:
         result.openimages = oi
         md, csv = render_openimages(oi, notes)
         outputs += [("openimages.md", md), ("openimages.csv", csv)]
     if not sw.empty:
-        md, csv = render_sweeps(sw)
+        md, csv = render_sweeps(sw, estimates_frame(runs))
         outputs += [("sweeps.md", md), ("sweeps.csv", csv)]
     if not outputs:  # cannot happen after load_runs' checks, but never write empty files
         raise AggregateError(f"nothing to aggregate in {', '.join(used)}")
@@ -641,8 +684,13 @@ def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = Non
     figs: list[tuple[str, bytes]] = []
     if figures:
         from orchestration import figures as F
-        from mlflow.tracking import MlflowClient
-        client = MlflowClient(tracking_uri=uri)
+        from orchestration import importance
+
+        try:
+            result.importance = importance.importances(runs)
+        except Exception as err:  # noqa: BLE001 - the other figures are still worth drawing
+            notes.append(f"parameter importances not computed: {type(err).__name__}: {first_line(err)}")
+        client = store.client(uri)
         cache: dict[tuple[str, str], list[tuple[int, float]]] = {}
 
         def history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -652,9 +700,15 @@ def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = Non
             return cache[(run_id, key)]
 
         try:
-            figs = F.render_figures(runs, result.table1, sw, history)
+            # one request per run: the long part of a large sweep's aggregation, shown as it goes
+            trial_ids = runs.loc[runs["role"] == T.ROLE_TRIAL, "run_id"]
+            with Progress(len(trial_ids), "aggregate: reading metric histories", "runs", lines=0) as shown:
+                for run_id in trial_ids:
+                    history(run_id, T.VAL_MAP)
+                    shown.update()
+            figs = F.render_figures(runs, result.table1, sw, history, result.importance)
         except Exception as err:  # noqa: BLE001 - the tables are still worth writing
-            notes.append(f"figures not drawn: {type(err).__name__}: {_first_line(err)}")
+            notes.append(f"figures not drawn: {type(err).__name__}: {first_line(err)}")
 
     for name, text in outputs:
         result.files.append(atomic_write(out / name, text))
@@ -665,11 +719,24 @@ def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = Non
 
 # --------------------------------------------------------------------------- CLI
 
+# `--help` starts with these (argparse prints them after "usage: ")
+EXAMPLES = """python orchestration/aggregate.py                                   # every sweep in ./mlflow.db -> results/
+       python orchestration/aggregate.py --experiment digits-20260101-120000 --out results/one   # one sweep
+       python orchestration/aggregate.py --mlflow-uri http://127.0.0.1:5000 --no-figures          # a tracking server, tables only"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage's three examples and the error
+        print(f"aggregate: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="aggregate.py",
+    ap = _Parser(
+        prog="aggregate.py", usage=EXAMPLES,
         description="Aggregate sweeps in an MLflow store into Table 1 (ours vs. the paper), the "
-                    "OpenImages table, a per-sweep summary and figures.")
+                    "OpenImages table, a per-sweep summary and figures.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mlflow-uri", default=None,
                     help="tracking URI (default: MLflow's default, sqlite:///mlflow.db in the "
                          "working directory, or $MLFLOW_TRACKING_URI)")
@@ -682,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = aggregate(args.mlflow_uri, args.experiment, args.out, figures=not args.no_figures)
     except AggregateError as err:
-        print(f"aggregate: {err}", file=sys.stderr)
+        print(f"aggregate: {first_line(err)}", file=sys.stderr)
         return 1
     print(f"aggregated {', '.join(res.experiments)}")
     for note in res.notes:

@@ -11,7 +11,10 @@ PNGs atomically under `<out>/figures/`:
   (modified_true_pos_frac), beside the fraction of entries modified
   (modified_frac). Only schemes that modify labels (the LL schemes) have these;
 * `table1_vs_paper.png` - our Table 1 against the paper's, a grouped bar chart
-  per data set x mode (ours with +- std error bars, the paper hatched).
+  per data set x mode (ours with +- std error bars, the paper hatched);
+* `<sweep>-importance.png` - per scheme, how much of the variance of the
+  trials' best validation mAP each searched value explains (Optuna's fANOVA,
+  `orchestration/importance.py`), with the number of trials it rests on.
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from orchestration import paper, tracking as T  # noqa: E402
+from orchestration import common as T  # noqa: E402
+from orchestration import paper  # noqa: E402
+from orchestration.common import safe_name  # noqa: E402
 
 History = Callable[[str, str], list[tuple[int, float]]]
 
@@ -50,11 +55,6 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-
-def _safe(name: str) -> str:
-    from orchestration.aggregate import safe_name
-    return safe_name(name)
 
 
 def _title(sweep: str, trials: pd.DataFrame) -> str:
@@ -199,6 +199,39 @@ def plot_table1(table1: pd.DataFrame):
     return fig
 
 
+def plot_importance(sweep: str, frame: pd.DataFrame):
+    """One panel per (mode, scheme): a horizontal bar per searched value, its share of the variance."""
+    groups = list(frame.groupby(["mode", "scheme"], sort=False))
+    if not groups:
+        return None
+    order = {s: i for i, s in enumerate(paper.METHODS)}
+    groups.sort(key=lambda g: (_mode_rank(g[0][0]), order.get(g[0][1], 99)))
+    ncols = min(4, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, ((mode, scheme), g) in zip(axes.flat, groups):
+        g = g.sort_values("importance")
+        ax.barh(g["param"], g["importance"], color=scheme_color(scheme), edgecolor="black", linewidth=0.6)
+        for y, v in enumerate(g["importance"]):
+            ax.text(min(v + 0.02, 0.9), y, f"{v:.2f}", va="center", fontsize=8)
+        ax.set_xlim(0, 1.05)
+        label = scheme + ("" if mode == "end-to-end" else f", {paper.MODE_LABELS.get(mode, mode)}")
+        ax.set_title(f"{label} ({int(g['trials'].iloc[0])} trials)", fontsize=10)
+        ax.set_xlabel("importance (share of variance)")
+        ax.grid(True, axis="x", alpha=0.3)
+    few = int(frame["trials"].min()) < 10
+    fig.suptitle(f"Which searched value mattered for the best validation mAP (Optuna fANOVA): {sweep}"
+                 + ("\nfewer than 10 trials per scheme: a rough guide only" if few else ""), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _mode_rank(mode: str) -> int:
+    return list(paper.MODES).index(mode) if mode in paper.MODES else len(paper.MODES)
+
+
 def best_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """The best (highest best_val_map) non-failed trial of each scheme."""
     ok = trials[(trials["outcome"] != "failed") & np.isfinite(trials[T.BEST_VAL_MAP])]
@@ -211,20 +244,25 @@ def best_trials(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def render_figures(runs: pd.DataFrame, table1: pd.DataFrame | None, sweeps: pd.DataFrame,
-                   history: History) -> list[tuple[str, bytes]]:
-    """[(file name, PNG bytes)] for every figure there is data for."""
+                   history: History, importance: pd.DataFrame | None = None) -> list[tuple[str, bytes]]:
+    """[(file name, PNG bytes)] for every figure there is data for (`importance`: the tidy frame of
+    `orchestration.importance.importances`)."""
     out: list[tuple[str, bytes]] = []
     trials = runs[runs["role"] == T.ROLE_TRIAL]
     for sweep in dict.fromkeys(trials["experiment"]):
         mine = trials[trials["experiment"] == sweep]
         fig = plot_val_map(sweep, mine, history)
         if fig is not None:
-            out.append((f"{_safe(sweep)}-val_map.png", _png(fig)))
+            out.append((f"{safe_name(sweep)}-val_map.png", _png(fig)))
         best = best_trials(mine)
         if len(best):
             fig = plot_memorization(sweep, best, history)
             if fig is not None:
-                out.append((f"{_safe(sweep)}-memorization.png", _png(fig)))
+                out.append((f"{safe_name(sweep)}-memorization.png", _png(fig)))
+        if importance is not None and (importance["sweep"] == sweep).any():
+            fig = plot_importance(sweep, importance[importance["sweep"] == sweep])
+            if fig is not None:
+                out.append((f"{safe_name(sweep)}-importance.png", _png(fig)))
     if table1 is not None:
         fig = plot_table1(table1)
         if fig is not None:

@@ -9,7 +9,19 @@ off a lost node) finds that folder in `tune.get_checkpoint()` and continues
 after the saved epoch, bit for bit (the trainer restores RNG states, LL-Cp's
 corrected labels and the ROLE estimator). When that checkpoint is unusable
 (truncated, checksum mismatch), the trial's earlier checkpoints that Tune
-kept beside it (`keep_checkpoints` >= 2) are tried, newest first.
+kept beside it (`keep_checkpoints` >= 2) are tried, newest first; when they
+are all gone, the trial starts over from epoch 1.
+
+A trial that asked for a GPU on a node where torch sees no CUDA device (an
+NVIDIA driver too old for the CUDA 13 wheels, none at all) fails at once with
+one line naming the node, the driver, torch's CUDA and the fix
+(`orchestration.gpu_check`), instead of training on the node's few CPUs.
+It is retried like any failure (`max_failures`): the fault is the node's, the
+attempt costs seconds, and the retry may land on a sound node; where none is,
+every attempt ends the same way within seconds. On machines whose Ray GPUs are
+declared without being there (tests: Ray's fake multi-node cluster, `ray start
+--num-gpus` on a CPU machine) WSML_FAKE_GPUS=1 in the nodes' environment lets
+such trials train on the CPU. A trial that asked for no GPU trains on the CPU.
 
 A trial whose training loss becomes NaN or infinite ends at once with its
 last metrics and `wsml_error` (the MLflow run is marked FAILED with the
@@ -20,7 +32,13 @@ Besides the trainer's metrics each report carries:
   train_seconds        wall seconds trained, summed over attempts
   gpu_seconds          train_seconds x GPU fraction when the trial ran on CUDA
   trainer_stop         1.0 when the trainer's own stop rule (stop_drop) fired
+  checkpoints_lost     1.0 when this attempt started over because the trial's checkpoints were gone
   node_id, device      where the attempt ran
+
+Every attempt appends to the trial's `train.log` in its folder on the sweep's
+storage (an `# attempt` line, the epochs, restores, divergence, a refused
+config), so the log of a trial moved between nodes or continued by `--resume`
+is one file.
 """
 from __future__ import annotations
 
@@ -36,31 +54,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestration import gpu_check, private
+from orchestration import trial as trial_config
+from orchestration.common import first_line
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-
-# Config keys that are not TrainConfig fields.
-META_KEYS = ("wsml_role", "wsml_sweep", "wsml_source_trial", "point", "train")
-
-
-def train_config(config: dict[str, Any]):
-    """The trial's `TrainConfig` (resolved and validated) from a Tune config dict.
-
-    The config holds the searched values (scheme, mode, delta_rel, lr) at top
-    level, the sweep's constants (dataset, epochs, seed, data_root), the fixed
-    settings of the space under `train`, and for final runs the chosen
-    configuration and seed under `point`.
-    """
-    from wsml.config import LL_SCHEMES, TrainConfig
-
-    values = {k: v for k, v in config.items() if k not in META_KEYS}
-    values.update(config.get("train") or {})
-    values.update(config.get("point") or {})
-    values.pop("wsml_source_trial", None)
-    if values.get("scheme") not in LL_SCHEMES:
-        values.pop("delta_rel", None)      # irrelevant for baselines: keep the default
-    return TrainConfig.from_dict(values).resolve()
-
+LOG_FILE = "train.log"
 
 def _fresh_checkpoint_dir() -> Path:
     """A per-process folder in the node's temp dir for the state handed to `tune.report`.
@@ -120,8 +120,21 @@ def _earlier_checkpoints(checkpoint) -> list:
     return [tune.Checkpoint(path, filesystem=fs) for _, path in sorted(found, reverse=True)]
 
 
-def restore(checkpoint, log) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, meta) of `checkpoint`, or of the newest earlier one when it is unusable."""
+def _holds_state(checkpoint) -> bool:
+    import pyarrow.fs
+
+    info = checkpoint.filesystem.get_file_info(posixpath.join(checkpoint.path, STATE_FILE))
+    return info.type != pyarrow.fs.FileType.NotFound
+
+
+def restore(checkpoint, log) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(state, meta) of `checkpoint`, or of the newest earlier one when it is unusable.
+
+    None when the trial's checkpoints are gone (deleted, or the empty folder
+    `orchestration.tuner.restore` puts where Tune expects one): the trial then
+    starts over from epoch 1. A checkpoint that is there but damaged, with no
+    usable earlier one, raises CheckpointError (retraining would hide it).
+    """
     from wsml.errors import CheckpointError
 
     try:
@@ -136,8 +149,46 @@ def restore(checkpoint, log) -> tuple[dict[str, Any], dict[str, Any]]:
             continue
         log(f"# checkpoint {checkpoint.path} is unusable ({problem}); resuming from the earlier {earlier.path}")
         return state, meta
+    if not _holds_state(checkpoint):
+        log(f"# the checkpoints of this trial are gone ({checkpoint.path} holds no {STATE_FILE}): starting over "
+            "from epoch 1")
+        return None
     raise CheckpointError(f"{problem} (and the trial has no usable earlier checkpoint; delete the trial's "
                           "checkpoint_* folders to start it over)")
+
+
+class TrialLog:
+    """The trial's `train.log` in its folder on the sweep's storage, appended by every attempt: retries,
+    sessions continued with --resume, other nodes (through pyarrow's file system, as Tune's storage)."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+
+    @classmethod
+    def of_trial(cls) -> "TrialLog":
+        import pyarrow.fs
+        from ray import tune
+
+        try:
+            storage = tune.get_context().get_storage()
+            return cls(storage.storage_filesystem, posixpath.join(storage.trial_fs_path, LOG_FILE))
+        except Exception:  # noqa: BLE001 - outside Tune (a test calling the function directly)
+            return cls(pyarrow.fs.LocalFileSystem(), str(Path.cwd() / LOG_FILE))
+
+    def __call__(self, *parts: Any) -> None:
+        data = (" ".join(str(p) for p in parts) + "\n").encode()
+        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        try:
+            with self.fs.open_append_stream(self.path) as f:
+                f.write(data)
+        except (NotImplementedError, OSError):      # object stores cannot append: rewrite the whole file
+            try:
+                with self.fs.open_input_stream(self.path) as f:
+                    data = f.read() + data
+            except (FileNotFoundError, OSError):
+                pass
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
 
 
 def _gpu_fraction() -> float:
@@ -157,38 +208,42 @@ def train_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from wsml.checkpoint import save_checkpoint
-    from wsml.errors import TrainingDiverged
+    from wsml.errors import CheckpointError, TrainingDiverged
     from wsml.train import run
 
-    # one "Checkpoint successfully created" line per epoch and trial is noise
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    cfg = train_config(config)
-
+    logging.getLogger(private.RAY_STORAGE_LOGGER).setLevel(logging.WARNING)
+    log = TrialLog.of_trial()
     try:
-        trial_dir = Path(tune.get_context().get_trial_dir())
-    except Exception:  # noqa: BLE001
-        trial_dir = Path.cwd()
-    log_path = trial_dir / "train.log"
-
-    def log(*parts: Any) -> None:
-        with open(log_path, "a") as f:
-            print(*parts, file=f)
-
-    meta: dict[str, Any] = {"epoch": 0, "train_seconds": 0.0, "gpu_seconds": 0.0}
-    resume_state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        resume_state, saved_meta = restore(checkpoint, log)
-        meta.update(saved_meta)
-    restored_from = int(meta["epoch"])
+        cfg = trial_config.train_config(config)
+    except Exception as err:
+        log(f"# attempt refused: {type(err).__name__}: {err}")
+        raise
 
     node_id = ray.get_runtime_context().get_node_id()
+    if _gpu_fraction() > 0 and not torch.cuda.is_available() and os.environ.get(gpu_check.FAKE_GPUS_ENV) != "1":
+        line = gpu_check.check(node_id) or "torch sees no CUDA device"
+        log(f"# failed: {line}")
+        raise gpu_check.NoCudaError(line)
+
+    meta: dict[str, Any] = {"epoch": 0, "train_seconds": 0.0, "gpu_seconds": 0.0}
+    resume_state, started_over = None, False
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        restored = restore(checkpoint, log)
+        if restored is None:
+            started_over = True
+        else:
+            resume_state, saved_meta = restored
+            meta.update(saved_meta)
+    restored_from = int(meta["epoch"])
+
     on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     device = "cuda" if on_cuda else "cpu"
     gpu_frac = _gpu_fraction() if on_cuda else 0.0
 
     log(f"# attempt on node {node_id} ({device}), resuming after epoch {restored_from}: {cfg.to_dict()}")
-    attempt = dict(restored_from_epoch=restored_from, node_id=node_id, device=device)
+    attempt = dict(restored_from_epoch=restored_from, node_id=node_id, device=device,
+                   checkpoints_lost=float(started_over))
     # what the trial reported last: the restored epoch's metrics, or (fresh) none yet
     previous = dict(resume_state["history"][-1]) if resume_state and resume_state.get("history") else {}
     previous.pop("stop", None)
@@ -219,20 +274,14 @@ def train_trial(config: dict[str, Any]) -> None:
 
     try:
         run(cfg, on_epoch=on_epoch, resume_state=resume_state, log=log)
-    except TrainingDiverged as err:
-        # Deterministic: retrying from the checkpoint would diverge again, so
+    except (TrainingDiverged, CheckpointError) as err:
+        # Deterministic (a divergence, a checkpoint of other data): retrying would fail again, so
         # the trial is not failed (FailureConfig would retry it) but ended with
         # its last metrics (val_map NaN when it diverged in its first epoch)
         # and the reason; the MLflow callback marks its run FAILED.
-        log(f"# diverged: {err}")
+        log(f"# {'diverged' if isinstance(err, TrainingDiverged) else 'failed'}: {err}")
         tune.report({**last["metrics"], "wsml_error": f"{type(err).__name__}: {err}"})
+    except Exception as err:
+        log(f"# failed: {type(err).__name__}: {first_line(err)}")
+        raise
 
-
-def trial_dirname(trial) -> str:
-    """Short trial folder names: `trial_003_LL-Ct_1a2b3c4d` (Tune's default packs the whole config in)."""
-    config = trial.config or {}
-    point = {**config, **(config.get("point") or {})}
-    index = (trial.experiment_tag or "0").split("_", 1)[0]
-    kind = "final" if "point" in config else "trial"
-    seed = f"_seed{point.get('seed', 0)}" if kind == "final" else ""
-    return f"{kind}_{int(index):03d}_{point.get('scheme', 'x')}{seed}_{trial.trial_id}"

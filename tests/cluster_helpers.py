@@ -13,7 +13,6 @@ import copy
 import hashlib
 import os
 import pwd
-import re
 import shlex
 import shutil
 import signal
@@ -59,6 +58,10 @@ AWS_NODE_CONFIG_KEYS = {
     "PrivateDnsNameOptions", "PrivateIpAddress", "RamdiskId", "SecurityGroupIds",
     "SecurityGroups", "SubnetId", "SubnetIds", "TagSpecifications", "UserData",
 }
+# InstanceMarketOptions of RunInstances: spot instances and their options.
+MARKET_TYPES = {"spot", "capacity-block"}
+SPOT_OPTION_KEYS = {"MaxPrice", "SpotInstanceType", "BlockDurationMinutes", "ValidUntil",
+                    "InstanceInterruptionBehavior"}
 SSH_PORT = 22
 _OPEN_TO_ALL = {"0.0.0.0/0", "::/0"}
 
@@ -95,8 +98,23 @@ def config_problems(cfg: dict[str, Any]) -> list[str]:
         if hi is not None and global_max is not None and hi > global_max:
             problems.append(f"node type {name}: max_workers {hi} > cluster max_workers {global_max}")
         if ptype == "aws":
-            extra = set(nt.get("node_config", {})) - AWS_NODE_CONFIG_KEYS
+            node_config = nt.get("node_config", {})
+            extra = set(node_config) - AWS_NODE_CONFIG_KEYS
             problems += [f"unknown key {name}.node_config.{k}" for k in sorted(extra)]
+            subnets = node_config.get("SubnetIds")
+            if not (isinstance(subnets, list) and subnets
+                    and all(isinstance(x, str) and x.startswith("subnet-") for x in subnets)):
+                problems.append(f"node type {name}: node_config.SubnetIds must list the subnets "
+                                f"(subnet-...) it starts in, got {subnets!r}")
+            market = node_config.get("InstanceMarketOptions")
+            if market is not None:
+                if market.get("MarketType") not in MARKET_TYPES:
+                    problems.append(f"node type {name}: InstanceMarketOptions.MarketType "
+                                    f"{market.get('MarketType')!r} is not one of {sorted(MARKET_TYPES)}")
+                problems += [f"unknown key {name}.node_config.InstanceMarketOptions.{k}"
+                             for k in sorted(set(market) - {"MarketType", "SpotOptions"})]
+                problems += [f"unknown key {name}.node_config.InstanceMarketOptions.SpotOptions.{k}"
+                             for k in sorted(set(market.get("SpotOptions") or {}) - SPOT_OPTION_KEYS)]
             for bad in ("CPU", "GPU"):
                 if (nt.get("resources") or {}).get(bad, 0) < 0:
                     problems.append(f"node type {name}: negative {bad}")
@@ -343,6 +361,35 @@ def lend_venv(venv: Path, dest: Path, user: pwd.struct_passwd, workdir: Path) ->
     for path in (dest.parent, dest):
         os.lchown(path, user.pw_uid, user.pw_gid)
     return how
+
+
+def copy_venv(venv: Path, dest: Path, user: pwd.struct_passwd) -> None:
+    """Make `dest` a real venv of the user's own (the system python3.11, a copy of `venv`'s packages): what
+    scripts/setup.sh builds on a node, without downloading it again. For measuring what moving a whole
+    venv between nodes costs; `lend_venv` is the fast stand-in otherwise."""
+    base = shutil.which("python3.11", path="/usr/local/bin:/usr/bin:/bin")
+    if base is None:
+        raise RuntimeError("no system python3.11 to build the copy with")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(dest)], check=True)
+    site = "lib/python3.11/site-packages"
+    subprocess.run(["cp", "-a", f"{venv / site}/.", str(dest / site)], check=True)
+    stamp = venv / ".requirements.sha"
+    (dest / ".requirements.sha").write_text(
+        stamp.read_text() if stamp.exists()
+        else hashlib.sha256((REPO / "requirements.txt").read_bytes()).hexdigest() + "\n")
+    for script in (venv / "bin").iterdir():       # console scripts (ray, pip, ...) pointed at the copy
+        if script.is_symlink() or not script.is_file() or (dest / "bin" / script.name).exists():
+            continue
+        try:
+            first, _, rest = script.read_text().partition("\n")
+        except UnicodeDecodeError:
+            continue
+        if first.startswith("#!") and str(venv) in first:
+            out = dest / "bin" / script.name
+            out.write_text(f"#!{dest / 'bin' / 'python'}\n{rest}")
+            out.chmod(0o755)
+    subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(dest.parent)], check=True)
 
 
 def ssh_control_dir(cluster_name: str, local_user: str = "root") -> Path:

@@ -23,6 +23,26 @@ def write_jpeg(path: Path, seed: int) -> None:
     Image.fromarray(pixels).save(path, format="JPEG")
 
 
+def make_prepared(tmp_path: Path, n_train: int, n_val: int) -> Path:
+    """A prepared data set (the published layout) of real JPEGs, 3 classes, images under tmp/images."""
+    from wsml.data.formats import write_formatted
+
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    names = {"train": [f"tr/{i:03d}.jpg" for i in range(n_train)], "val": [f"va/{i:03d}.jpg" for i in range(n_val)]}
+    labels = {}
+    for split, files in names.items():
+        for i, name in enumerate(files):
+            write_jpeg(images / name, seed=i + (1000 if split == "val" else 0))
+        y = rng.integers(0, 2, size=(len(files), 3))
+        y[np.arange(len(files)), np.arange(len(files)) % 3] = 1        # every image has a positive
+        labels[split] = y
+    write_formatted(tmp_path / "data", dataset="pascal", class_names=["a", "b", "c"], image_root=images,
+                    train_images=names["train"], train_labels=labels["train"],
+                    val_images=names["val"], val_labels=labels["val"])
+    return tmp_path / "data"
+
+
 def make_voc(root: Path) -> dict:
     """VOC2012 with variable spacing, 0 ("difficult") entries and an image with no positive."""
     voc = root / "VOCdevkit" / "VOC2012"

@@ -1,7 +1,7 @@
 """orchestration/aggregate.py against MLflow stores written in the project's schema.
 
 Every store is built here with the MlflowClient, exactly as the sweep writes
-runs (orchestration/tracking.py): a parent run per sweep (role=sweep) and
+runs (orchestration/common.py): a parent run per sweep (role=sweep) and
 nested trial / final runs with tags, params, per-epoch and final metrics.
 Every table cell is checked against numbers computed straight from the
 client's runs with numpy.
@@ -14,101 +14,22 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestration import aggregate as A  # noqa: E402
+from orchestration import common as T  # noqa: E402
 from orchestration import paper  # noqa: E402
-from orchestration import tracking as T  # noqa: E402
+from orchestration.common import AggregateError  # noqa: E402
+from tests.synthetic_runs import RunSpec, curve, final_specs, write_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ("table1.md", "table1.csv", "table1.tex", "sweeps.md", "sweeps.csv")
-
-
-# --------------------------------------------------------------------------- writing runs
-
-@dataclass
-class RunSpec:
-    scheme: str
-    role: str = T.ROLE_TRIAL
-    seed: int = 0
-    delta_rel: float = 2.0
-    lr: float = 1e-3
-    epochs: int = 5                   # configured
-    val_map: list[float] = field(default_factory=list)   # per epoch; its length = epochs run
-    end_reason: str | None = "completed"   # None: tag left out
-    status: str = "FINISHED"
-    test_map: float | None = None
-    gpu_hours: float = 0.0
-    extra_metrics: dict = field(default_factory=dict)
-
-
-def write_sweep(client: MlflowClient, name: str, dataset: str, mode: str,
-                specs: list[RunSpec], t0: int | None = None) -> tuple[str, str, list[str]]:
-    """Create experiment `name` with a parent sweep run and nested runs; (exp id, parent id, child ids)."""
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
-    t0 = int(time.time() * 1000) if t0 is None else t0
-    parent = client.create_run(exp_id, run_name=name, start_time=t0, tags={
-        T.TAG_ROLE: T.ROLE_SWEEP, T.TAG_SWEEP: name, T.TAG_DATASET: dataset, T.TAG_MODE: mode})
-    ids = []
-    for i, s in enumerate(specs):
-        trial_id = f"{s.scheme}_{i:03d}"
-        tags = {T.TAG_PARENT: parent.info.run_id, T.TAG_ROLE: s.role, T.TAG_DATASET: dataset,
-                T.TAG_SCHEME: s.scheme, T.TAG_MODE: mode, T.TAG_SEED: str(s.seed),
-                T.TAG_TRIAL_ID: trial_id, T.TAG_SWEEP: name}
-        if s.end_reason is not None:
-            tags[T.TAG_STATUS_REASON] = s.end_reason
-        run_name = f"{s.role}-{s.scheme}-{i:03d}" if s.role == T.ROLE_TRIAL else f"final-{s.scheme}-seed{s.seed}"
-        run = client.create_run(exp_id, run_name=run_name, start_time=t0 + 1000 * (i + 1), tags=tags)
-        params = {"dataset": dataset, "scheme": s.scheme, "delta_rel": s.delta_rel, "lr": s.lr,
-                  "mode": mode, "seed": s.seed, "epochs": s.epochs, "batch_size": 32}
-        metrics = []
-        ts = t0 + 1000 * (i + 1)
-        k = len(s.val_map)
-        for e, v in enumerate(s.val_map, start=1):
-            metrics += [Metric(T.VAL_MAP, v, ts + e, e), Metric(T.TRAIN_LOSS, 1.0 / e, ts + e, e),
-                        Metric(T.CLEAN_RATE, 1 - (e - 1) * s.delta_rel / 100, ts + e, e)]
-            if s.scheme.startswith("LL-"):
-                metrics += [Metric(T.MODIFIED_FRAC, (e - 1) * s.delta_rel / 100, ts + e, e),
-                            Metric(T.MODIFIED_TRUE_POS_FRAC, 0.0 if e == 1 else max(0.05, 0.6 - 0.1 * e),
-                                   ts + e, e)]
-        if k:
-            best_epoch = int(np.argmax(s.val_map)) + 1
-            metrics += [Metric(T.BEST_VAL_MAP, max(s.val_map), ts + 99, 0),
-                        Metric(T.BEST_EPOCH, best_epoch, ts + 99, 0)]
-        metrics += [Metric(T.EPOCHS_RUN, k, ts + 99, 0), Metric(T.GPU_HOURS, s.gpu_hours, ts + 99, 0),
-                    Metric(T.TRAIN_HOURS, s.gpu_hours or 0.01, ts + 99, 0)]
-        if s.test_map is not None:
-            metrics.append(Metric(T.TEST_MAP, s.test_map, ts + 99, 0))
-        for key, v in s.extra_metrics.items():
-            metrics.append(Metric(key, v, ts + 99, 0))
-        client.log_batch(run.info.run_id, metrics=metrics,
-                         params=[Param(a, str(b)) for a, b in params.items()])
-        client.set_terminated(run.info.run_id, s.status, end_time=ts + 500)
-        ids.append(run.info.run_id)
-    client.set_terminated(parent.info.run_id, "FINISHED")
-    return exp_id, parent.info.run_id, ids
-
-
-def curve(peak: float, epochs: int, rng: np.random.Generator) -> list[float]:
-    base = np.linspace(peak - 20, peak, epochs) + rng.normal(0, 0.5, epochs)
-    return [float(round(v, 4)) for v in base]
-
-
-def final_specs(scheme: str, tests: list[float], epochs: int = 5, delta_rel: float = 2.0,
-                lr: float = 1e-3) -> list[RunSpec]:
-    rng = np.random.default_rng(len(scheme))
-    return [RunSpec(scheme, role=T.ROLE_FINAL, seed=s, epochs=epochs, delta_rel=delta_rel, lr=lr,
-                    val_map=curve(t + 1, epochs, rng), test_map=t, gpu_hours=0.1)
-            for s, t in enumerate(tests)]
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +277,40 @@ def test_figures_written_and_readable(store, tmp_path):
             assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 300
 
 
+def test_boostlu_rows_and_table(tmp_path):
+    """Runs with the BoostLU head are rows of their own ("LL-R + BoostLU", right under LL-R) in Table 1,
+    and boostlu.md lays them out as the BoostLU paper's table with its published numbers beside ours."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    plain, boosted = [50.1, 51.3, 49.8], [51.0, 52.2, 50.6]
+    specs = (final_specs("LL-R", plain) + final_specs("LL-R", boosted, boostlu_alpha=5.0)
+             + final_specs("AN", [41.0, 42.0]))
+    write_sweep(client, "boost", "digits", "end-to-end", specs)
+    res = A.aggregate(uri, None, tmp_path / "out", figures=False)
+    t1 = res.table1.set_index(["method", "dataset", "mode"])
+    cell = t1.loc[("LL-R + BoostLU", "digits", "end-to-end")]
+    assert cell["n"] == 3 and cell["mean"] == pytest.approx(np.mean(boosted))
+    assert t1.loc[("LL-R", "digits", "end-to-end")]["mean"] == pytest.approx(np.mean(plain))
+    rows = list(dict.fromkeys(res.table1["method"]))
+    assert rows.index("LL-R + BoostLU") == rows.index("LL-R") + 1
+    header, table = md_table(tmp_path / "out" / "boostlu.md")
+    assert list(table)[:3] == ["full", "AN", "LS"] and "LL-R + BoostLU" in table and "EM + APL" in table
+    digits = header.index("single positive label digits") - 1
+    voc = header.index("single positive label VOC") - 1
+    assert table["LL-R + BoostLU"][digits] == expected_cell(np.array(boosted), None)
+    assert table["LL-R + BoostLU"][voc] == expected_cell(None, 89.29)              # the BoostLU paper
+    assert table["AN"][digits] == expected_cell(np.array([41.0, 42.0]), None)
+    assert table["EM"][voc] == expected_cell(None, 89.09)                            # not implemented here
+    rows = {(r["method"], r["dataset"]): r for r in read_csv(tmp_path / "out" / "boostlu.csv")}
+    assert float(rows[("LL-R + BoostLU", "pascal")]["paper"]) == 89.29
+    assert (tmp_path / "out" / "boostlu.tex").read_text().count("BoostLU") >= 3
+    # without BoostLU runs, no BoostLU table
+    plain_uri = f"sqlite:///{tmp_path}/plain.db"
+    write_sweep(MlflowClient(tracking_uri=plain_uri), "plain", "digits", "end-to-end", final_specs("LL-R", plain))
+    A.aggregate(plain_uri, None, tmp_path / "out3", figures=False)
+    assert not (tmp_path / "out3" / "boostlu.md").exists() and (tmp_path / "out3" / "table1.md").exists()
+
+
 def test_openimages_table(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
@@ -429,20 +384,20 @@ def test_empty_store_unknown_and_unfinished_experiments(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     client.search_experiments()                               # creates the (empty) store
     out = tmp_path / "res"
-    with pytest.raises(A.AggregateError, match="holds no sweep runs"):
+    with pytest.raises(AggregateError, match="holds no sweep runs"):
         A.aggregate(uri, None, out)
-    with pytest.raises(A.AggregateError, match=r"unknown experiment 'nope'.*experiments there: Default"):
+    with pytest.raises(AggregateError, match=r"unknown experiment 'nope'.*experiments there: Default"):
         A.aggregate(uri, ["nope"], out)
     # An experiment whose only runs are still running or failed.
     write_sweep(client, "stuck", "digits", "end-to-end",
                 [RunSpec("LL-R", val_map=[10.0], status="RUNNING", end_reason=None),
                  RunSpec("AN", val_map=[10.0], status="FAILED", end_reason="failed: boom")])
-    with pytest.raises(A.AggregateError, match=r"experiment 'stuck' .* has no finished runs \(2 trial/final run\(s\): 1 (running|failed), 1 (running|failed)\)"):
+    with pytest.raises(AggregateError, match=r"experiment 'stuck' .* has no finished runs \(2 trial/final run\(s\): 1 (running|failed), 1 (running|failed)\)"):
         A.aggregate(uri, ["stuck"], out)
-    with pytest.raises(A.AggregateError, match="holds sweep runs but none finished"):
+    with pytest.raises(AggregateError, match="holds sweep runs but none finished"):
         A.aggregate(uri, None, out)
     client.create_experiment("empty-sweep")
-    with pytest.raises(A.AggregateError, match=r"'empty-sweep' .* has no finished runs \(no trial or final runs\)"):
+    with pytest.raises(AggregateError, match=r"'empty-sweep' .* has no finished runs \(no trial or final runs\)"):
         A.aggregate(uri, ["empty-sweep"], out)
     assert not out.exists()
 
@@ -480,20 +435,56 @@ def test_only_trials_no_final_runs_writes_sweeps_but_no_table1(tmp_path):
     assert any("table1 not written" in n for n in res.notes)
 
 
-def test_default_uri_is_mlflows_and_restored(store, tmp_path, monkeypatch):
-    from mlflow.tracking._tracking_service import utils as tu
+def test_default_uri_is_mlflows_and_the_callers_setting_is_kept(store, tmp_path, monkeypatch):
     uri, _ = store
     monkeypatch.chdir(tmp_path)                                  # the store is tmp_path/mlflow.db
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tu, "_tracking_uri", None)
+    before = mlflow.get_tracking_uri()
     res = A.aggregate(None, ["voc-li"], "out", figures=False)    # MLflow's default: ./mlflow.db
     assert res.experiments == ["voc-li"] and Path("out/table1.md").is_file()
-    assert tu._tracking_uri is None and "MLFLOW_TRACKING_URI" not in __import__("os").environ
+    assert mlflow.get_tracking_uri() == before and "MLFLOW_TRACKING_URI" not in os.environ
     other = f"sqlite:///{tmp_path}/elsewhere.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
     A.aggregate(uri, ["voc-li"], "out2", figures=False)
     assert mlflow.get_tracking_uri() == other                    # the caller's setting is kept
-    assert tu._tracking_uri is None
+    assert not (tmp_path / "elsewhere.db").exists()
+
+
+def test_cli_masks_a_password_in_the_uri(tmp_path):
+    """Every line the aggregate prints about a store whose URI holds a password masks it."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(ROOT))
+    port = _free_port()
+    for uri in ("postgresql://alice:s3cr3t@127.0.0.1:1/db", f"http://alice:s3cr3t@127.0.0.1:{port}",
+                f"mysql://alice:s3cr3t@127.0.0.1:{port}/db", f"sqlite:///{tmp_path}/none.db?password=s3cr3t"):
+        r = subprocess.run([sys.executable, str(ROOT / "orchestration" / "aggregate.py"), "--mlflow-uri", uri,
+                            "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 1, (uri, r.stdout, r.stderr)
+        assert "s3cr3t" not in r.stdout + r.stderr, (uri, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("aggregate: ") and "***" in lines[0], (uri, r.stderr)
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_gives_up_on_an_unreachable_server_within_30_s(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(ROOT))
+    # 192.0.2.1 (TEST-NET-1) is never routed: connections hang rather than being refused
+    for uri in (f"http://127.0.0.1:{_free_port()}", "http://192.0.2.1:5000"):
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, str(ROOT / "orchestration" / "aggregate.py"), "--mlflow-uri", uri,
+                            "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+        took = time.monotonic() - t0
+        assert r.returncode == 1 and "unreachable" in r.stderr, (uri, r.stderr)
+        assert took < 30, (uri, took)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- a real sweep
@@ -556,3 +547,38 @@ def test_real_digits_sweep_end_to_end(tmp_path):
         assert int(row["final_runs"]) == (2 if (scheme, "digits", "end-to-end") in finals else 0)
     if len(summary) > 1:
         assert int(summary["all"]["trials"]) == 4
+
+
+def test_sweeps_md_shows_the_estimate_beside_what_was_spent(tmp_path):
+    """A sweep run holding the estimate made at its start (`estimate.*` params): sweeps.md shows it beside
+    the epochs, trial-hours and GPU-hours its runs spent and the sweep run's wall time."""
+    from mlflow.entities import Metric, Param
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    rng = np.random.default_rng(3)
+    specs = [RunSpec("LL-R", val_map=curve(50, 5, rng), gpu_hours=0.25),
+             RunSpec("LL-R", lr=3e-3, val_map=curve(45, 2, rng), end_reason="asha_stopped", gpu_hours=0.1),
+             RunSpec("LL-R", role="final", seed=1, val_map=curve(50, 5, rng), gpu_hours=0.25, test_map=49.0)]
+    t0 = int(time.time() * 1000) - 3_600_000
+    _, parent, _ = write_sweep(client, "est", "pascal", "end-to-end", specs, t0=t0)
+    client.log_batch(parent, params=[Param(f"estimate.{k}", v) for k, v in {
+        "device": "A10G", "slots": "4", "epochs": "11", "epochs_most": "15", "trial_hours": "0.7",
+        "gpu_hours": "0.7", "wall_s": "1800"}.items()], metrics=[Metric(T.REUSED_PROPOSALS, 2.0, t0, 2)])
+    client.set_terminated(parent, "FINISHED", end_time=t0 + 3_000_000)
+    out = tmp_path / "results"
+    res = A.aggregate(uri, None, out, figures=False)
+    [row] = A.estimates_frame(res.runs).to_dict("records")
+    assert row["epochs_spent"] == 5 + 2 + 5 and row["epochs_estimated"] == 11 and row["epochs_most"] == 15
+    assert row["gpu_hours_spent"] == pytest.approx(0.6) and row["gpu_hours_estimated"] == pytest.approx(0.7)
+    assert row["trial_hours_spent"] == pytest.approx(0.6)
+    assert row["wall_s_spent"] == pytest.approx(3000) and row["wall_s_estimated"] == 1800
+    assert row["reused_proposals"] == 2
+    md = (out / "sweeps.md").read_text()
+    section = md[md.index("## Estimated at the start vs spent"):]
+    header, line = [ln for ln in section.splitlines() if ln.startswith("|") and "---" not in ln][:2]
+    cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in line.split("|")[1:-1]]))
+    assert cells["sweep"] == "est" and cells["device"] == "A10G"
+    assert cells["epochs est. (most)"] == "11 (15)" and cells["epochs spent"] == "12"
+    assert cells["GPU-h est."] == "0.7" and cells["GPU-h spent"] == "0.6"
+    assert cells["wall est."] == "1,800 s" and cells["wall spent"] == "3,000 s" and cells["reused"] == "2"

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures_official import write_jpeg
-from tests.test_sweep import clean_env, free_port, write_space
+from tests.fixtures_official import make_prepared
+from tests.helpers import clean_env, free_port, write_space
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [p for d in ("wsml", "orchestration", "bench", "scripts") for p in (ROOT / d).rglob("*.py")]
@@ -46,22 +46,7 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     """A prepared data set (the published layout) of 12 + 6 real JPEGs, 3 classes."""
-    from wsml.data.formats import write_formatted
-
-    images = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    names = {"train": [f"tr/{i:02d}.jpg" for i in range(12)], "val": [f"va/{i:02d}.jpg" for i in range(6)]}
-    labels = {}
-    for split, files in names.items():
-        for i, name in enumerate(files):
-            write_jpeg(images / name, seed=i + (100 if split == "val" else 0))
-        y = rng.integers(0, 2, size=(len(files), 3))
-        y[np.arange(len(files)), np.arange(len(files)) % 3] = 1        # every image has a positive
-        labels[split] = y
-    write_formatted(tmp_path / "data", dataset="pascal", class_names=["a", "b", "c"], image_root=images,
-                    train_images=names["train"], train_labels=labels["train"],
-                    val_images=names["val"], val_labels=labels["val"])
-    return tmp_path / "data"
+    return make_prepared(tmp_path, 12, 6)
 
 
 def small_run(data: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -74,14 +59,14 @@ def small_run(data: Path, tmp_path: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_bad_images_through_the_trainer_cli(dataset, tmp_path):
     images = tmp_path / "images"
-    good = (images / "tr" / "00.jpg").read_bytes()
-    (images / "tr" / "03.jpg").write_bytes(good[: len(good) // 2])        # truncated
-    (images / "tr" / "07.jpg").write_text("not an image\n")               # not an image at all
+    good = (images / "tr" / "000.jpg").read_bytes()
+    (images / "tr" / "003.jpg").write_bytes(good[: len(good) // 2])        # truncated
+    (images / "tr" / "007.jpg").write_text("not an image\n")               # not an image at all
     r = train_cli(*small_run(dataset, tmp_path), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     [line] = error_lines(r.stderr)
     assert r.stderr.strip().splitlines()[-1] == line
-    assert str(images / "tr" / "03.jpg") in line and "and 1 more" in line and "--skip-bad-images" in line
+    assert str(images / "tr" / "003.jpg") in line and "and 1 more" in line and "--skip-bad-images" in line
     assert not (tmp_path / "out").exists()
 
     r = train_cli(*small_run(dataset, tmp_path, "--skip-bad-images"), cwd=tmp_path)
@@ -132,7 +117,7 @@ def test_address_that_is_not_a_ray_cluster(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    space = write_space(tmp_path / "space.yaml", num_samples=1, epochs=2)
+    space = write_space(tmp_path / "space.yaml", num_samples=1, epochs=2, schemes="[LL-R]")
     try:
         t0 = time.time()
         rc = main(["--dataset", "digits", "--space", str(space), "--address", f"127.0.0.1:{port}"])
@@ -151,13 +136,12 @@ def test_address_that_is_not_a_ray_cluster(tmp_path, monkeypatch, capsys):
 def test_local_ray_starts_without_a_dashboard(monkeypatch):
     import ray
 
-    from orchestration import sweep
+    from orchestration import cluster
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    monkeypatch.setenv("PYTHONPATH", "")
-    assert sweep.connect_ray(None) is True
+    assert cluster.connect(None) is True
     assert seen["address"] == "local"
     assert seen.get("include_dashboard") is False or seen.get("dashboard_host") == "127.0.0.1", seen
 
@@ -201,8 +185,10 @@ def test_every_torch_load_is_weights_only():
         kw = {k.arg: k.value for k in call.keywords}
         assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
             f"{path}:{call.lineno}"
-    # and nothing else unpickles
-    assert not _calls(lambda owner, name: owner in ("pickle", "cloudpickle", "dill") and name in ("load", "loads"))
+    # and nothing else unpickles, but the per-scheme searcher restoring its own state on --resume: it lies in
+    # the sweep's Ray folder beside Tune's tuner.pkl and searcher state, which Tune unpickles there anyway
+    unpickling = _calls(lambda owner, name: owner in ("pickle", "cloudpickle", "dill") and name in ("load", "loads"))
+    assert [p.relative_to(ROOT).as_posix() for p, _ in unpickling] == ["orchestration/per_scheme.py"]
     for path, call in _calls(lambda owner, name: owner == "np" and name == "load"):
         kw = {k.arg: k.value for k in call.keywords}
         assert "allow_pickle" not in kw or kw["allow_pickle"].value is False, f"{path}:{call.lineno}"
@@ -262,10 +248,18 @@ def test_yaml_is_read_safely(tmp_path):
     from orchestration.space import SpaceError, load_space
 
     unsafe = {"load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all"}
+    import yaml
+
+    from orchestration import space as space_module
+
     for path, call in _calls(lambda owner, name: owner == "yaml"):
-        assert call.func.attr not in unsafe and not any(k.arg == "Loader" for k in call.keywords), \
-            f"{path}:{call.lineno}"
-    assert _calls(lambda owner, name: owner == "yaml" and name == "safe_load")     # the spaces are read so
+        loader = {k.arg: k.value for k in call.keywords}.get("Loader")
+        if loader is None:
+            assert call.func.attr not in unsafe, f"{path}:{call.lineno}"
+        else:   # only the space file's loader: a SafeLoader that also refuses aliases
+            assert isinstance(loader, ast.Name) and loader.id == "_NoAliasLoader", f"{path}:{call.lineno}"
+            assert issubclass(space_module._NoAliasLoader, yaml.SafeLoader)
+    assert _calls(lambda owner, name: owner == "yaml" and name == "load")     # the space files, with that loader
     marker = tmp_path / "ran"
     space = tmp_path / "space.yaml"
     space.write_text(f"dataset: !!python/object/apply:pathlib.Path.touch ['{marker}']\n")
@@ -277,7 +271,7 @@ def test_yaml_is_read_safely(tmp_path):
 
 # ---------------------------------------------------------- no credentials
 def test_credentials_are_masked():
-    from orchestration.mlflow_log import redact
+    from orchestration.common import redact
 
     cases = {
         "http://alice:pw123@mlflow.example:5000": "http://***@mlflow.example:5000",
@@ -296,18 +290,27 @@ def test_sweep_params_and_errors_carry_no_credentials(tmp_path, monkeypatch, cap
     """The parent run's params (the command line is one) and every printed line mask the password.
     (A whole sweep against a server with credentials in its URI: tests/test_faults.py
     ::test_mlflow_server_down_mid_sweep_loses_nothing.)"""
-    from orchestration import sweep
+    from mlflow import MlflowClient
+
+    from orchestration import store, sweep
+    from orchestration.common import redact
     from orchestration.space import load_space
 
-    space = load_space("digits")
     argv = ["orchestration/sweep.py", "--dataset", "digits", "--mlflow-uri", "http://alice:pw123@h:5000",
             "--storage", "s3://bucket/r?secret_key=pw123"]
-    params = sweep.sweep_params(space, argv, "s3://bucket/r?secret_key=pw123/sw", None, {"cpu": 1})
-    assert not [k for k, v in params.items() if "pw123" in v], params
+    plan = sweep.Plan(name="sw", storage="s3://bucket/r?secret_key=pw123", space=load_space("digits"),
+                      uri="http://alice:pw123@h:5000", address=None, data_root=None, cache_dir="/c",
+                      results_dir="results", command=redact(" ".join(argv)))
+    c = MlflowClient(f"sqlite:///{tmp_path / 'p.db'}")
+    _, run_id = store.start_parent(c, "sw", "digits", sweep._sweep_params(plan, {"cpu": 1}), resume=False)
+    params = c.get_run(run_id).data.params
+    assert params and not [k for k, v in params.items() if "pw123" in v], params
     assert "--mlflow-uri http://***@h:5000" in params["command"]
+    assert params["storage"] == "s3://bucket/r?secret_key=***"     # the value up to the next & is masked
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    capsys.readouterr()                                  # MLflow's own lines while creating the store above
     rc = sweep.main(["--dataset", "digits", "--mlflow-uri", f"http://alice:pw123@127.0.0.1:{free_port()}"])
     out = capsys.readouterr()
     assert rc == 2 and "pw123" not in out.err + out.out

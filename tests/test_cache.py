@@ -10,39 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import write_image
 from wsml.data.cache import cached_array, load_image_cache
 from wsml.errors import DataError
 
 SIZE = 32
 # Spawned children import this module to find their target: keep torch out of module scope.
 SPAWN = multiprocessing.get_context("spawn")
-
-
-def _write_image(path, rng, w, h, mode):
-    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(pixels[: h // 4 + 1, : w // 4 + 1]).resize((w, h), Image.BICUBIC))
-    im = Image.fromarray(smooth // 2 + pixels // 2)
-    if mode == "P":
-        im = im.quantize(16)
-    elif mode != "RGB":
-        im = im.convert(mode)
-    im.save(path)
-
-
-@pytest.fixture
-def images(tmp_path):
-    """36 small images of varied size, mode and format (JPEG RGB/L, PNG RGB/RGBA/palette)."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "img"
-    folder.mkdir()
-    kinds = [("jpg", "RGB"), ("jpg", "L"), ("png", "RGB"), ("png", "RGBA"), ("png", "P"), ("jpg", "RGB")]
-    paths = []
-    for i in range(36):
-        ext, mode = kinds[i % len(kinds)]
-        p = folder / f"{i:03d}.{ext}"
-        _write_image(p, rng, int(rng.integers(12, 90)), int(rng.integers(12, 90)), mode)
-        paths.append(str(p))
-    return paths
 
 
 def _direct(path, size):
@@ -132,7 +106,7 @@ def test_rebuilt_when_an_image_or_the_size_changes(images, tmp_path, capfd):
     capfd.readouterr()
 
     old = os.stat(images[3])
-    _write_image(images[3], np.random.default_rng(99), 40, 30, "RGB")
+    write_image(images[3], np.random.default_rng(99), 40, 30, "RGB")
     os.utime(images[3], ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
     after = load_image_cache(images, SIZE, root, workers=1).array
     assert _built(capfd)
@@ -237,19 +211,6 @@ def test_entry_not_matching_the_request_is_rebuilt(tmp_path):
         f.truncate(os.path.getsize(npy) - 10)
     assert cached_array(tmp_path, {"k": 1}, (9,), np.float32, build).tolist() == [4.0] * 9
     assert len(calls) == 4
-
-
-@pytest.fixture
-def with_bad(images, tmp_path):
-    """The image list with a truncated JPEG at index 4 and a text file named .jpg at index 9."""
-    paths = list(images)
-    data = open(images[0], "rb").read()
-    truncated = tmp_path / "img" / "truncated.jpg"
-    truncated.write_bytes(data[: len(data) * 2 // 3])
-    text = tmp_path / "img" / "notes.jpg"
-    text.write_text("not an image\n")
-    paths[4], paths[9] = str(truncated), str(text)
-    return paths
 
 
 def test_bad_images_raise_naming_the_file(with_bad, tmp_path):

@@ -87,6 +87,7 @@ MUTATIONS = {
     "top-level max_worker": (lambda c: _rename(c, "max_workers", "max_worker"), "ray", "max_worker"),
     "node type max_worker": (lambda c: _rename(c, "available_node_types.gpu_1x.max_workers", "max_worker"),
                              "ray", "max_worker"),
+    "priority not a number": (lambda c: _set(c, "available_node_types.gpu_1x.priority", "high"), "ray", "high"),
     "provider availablity_zone": (lambda c: _rename(c, "provider.availability_zone", "availablity_zone"),
                                   "ours", "provider.availablity_zone"),
     "provider regoin": (lambda c: _rename(c, "provider.region", "regoin"), "ours", "provider.regoin"),
@@ -104,6 +105,13 @@ MUTATIONS = {
     "mlflow open to all (ipv6)": (lambda c: c["provider"].update(security_group={"IpPermissions": [
         {"FromPort": 5000, "ToPort": 5000, "IpProtocol": "tcp", "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}]}),
         "ours", "(5000, 5000)"),
+    "a node type without SubnetIds": (lambda c: c["available_node_types"]["gpu_4x"]["node_config"].pop("SubnetIds"),
+                                      "ours", "gpu_4x: node_config.SubnetIds"),
+    "spot MarketType typo": (lambda c: c["available_node_types"]["gpu_1x_spot"]["node_config"][
+        "InstanceMarketOptions"].update(MarketType="spto"), "ours", "MarketType 'spto'"),
+    "SpotOptions typo": (lambda c: c["available_node_types"]["gpu_1x_spot"]["node_config"][
+        "InstanceMarketOptions"]["SpotOptions"].update(InterruptionBehavior="stop"), "ours",
+        "SpotOptions.InterruptionBehavior"),
     "dashboard bound to 0.0.0.0": (lambda c: c["head_start_ray_commands"].__setitem__(
         -1, _head_start(c).replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")),
         "ours", "dashboard"),
@@ -115,7 +123,7 @@ def test_a_broken_copy_fails_the_check(aws, name):
     mutate, who, expected = MUTATIONS[name]
     broken = copy.deepcopy(aws)
     mutate(broken)
-    if who == "ours":  # Ray lets it through (see NOTES): only our check stands in the way
+    if who == "ours":  # Ray lets it through: only our check stands in the way
         ch.ray_validate(broken)
     with pytest.raises(Exception, match=re.escape(expected)):
         check(broken)
@@ -123,10 +131,14 @@ def test_a_broken_copy_fails_the_check(aws, name):
 
 @pytest.mark.parametrize("key", ["worker_ip", "head_ipp"])
 def test_a_typo_in_the_local_provider_fails_the_check(local, key):
+    import click
+
     broken = copy.deepcopy(local)
     broken["provider"][key] = broken["provider"].pop("worker_ips" if key == "worker_ip" else "head_ip")
-    with pytest.raises(Exception):
+    # Ray's own check refuses the local provider without both names, before ours would
+    with pytest.raises(click.ClickException, match="supply a `head_ip` and list of `worker_ips`"):
         check(broken)
+    assert f"unknown key provider.{key}" in ch.config_problems(broken)
 
 
 def test_ssh_open_to_all_is_allowed(aws):
@@ -188,20 +200,98 @@ def test_start_commands(aws, local):
 
 # --- the same install on every node of both files -----------------------------
 
+VENV_STEP = 'cd ~/wsml && PYTHON=python3.11 bash scripts/cluster_venv.sh "$WSML_SHARED"'
+GPU_CHECK = "cd ~/wsml && .venv/bin/python -m orchestration.gpu_check"
+
+
+def _env_line(cfg: dict) -> str:
+    return next(c for c in cfg["setup_commands"] if "export WSML_SHARED=" in c)
+
+
 def test_both_files_install_the_same_way(aws, local):
     for key in ("file_mounts", "rsync_exclude", "rsync_filter"):
         assert aws[key] == local[key], key
-    assert all(cmd in aws["setup_commands"] for cmd in local["setup_commands"])
-    install = [c for c in aws["setup_commands"] if "scripts/setup.sh" in c]
-    assert len(install) == 1 and "cd ~/wsml && bash scripts/setup.sh" in install[0]
+    # the same commands, but for the paths (the node-local cache folder differs) and AWS's own steps
+    assert all(cmd in aws["setup_commands"] for cmd in local["setup_commands"] if cmd != _env_line(local))
+    for cfg in (aws, local):
+        install = [c for c in cfg["setup_commands"] if "scripts/cluster_venv.sh" in c]
+        assert len(install) == 1 and install[0].startswith(VENV_STEP), install
     assert aws["head_start_ray_commands"][1:] != [] and local["head_start_ray_commands"][1:] != []
+
+
+@pytest.mark.parametrize("path", [AWS, LOCAL], ids=["aws", "local"])
+def test_nodes_run_the_python_the_tests_run_on(path):
+    import sys
+
+    cfg = ch.load_yaml(path)
+    python = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    assert python == "python3.11"
+    [install] = [c for c in cfg["setup_commands"] if "scripts/cluster_venv.sh" in c]
+    assert f"PYTHON={python} " in install
+    if path == AWS:   # the AMI's Ubuntu has another Python: the set-up installs this one
+        assert any("install -y -q" in c and f"{python} {python}-venv" in c for c in cfg["setup_commands"])
+
+
+@pytest.mark.parametrize("path", [AWS, LOCAL], ids=["aws", "local"])
+def test_gpu_nodes_check_driver_and_cuda_in_setup(path):
+    cmds = ch.load_yaml(path)["setup_commands"]
+    assert cmds[-1] == GPU_CHECK, "the GPU check runs last, once the venv (torch) is there"
+    assert next(i for i, c in enumerate(cmds) if "cluster_venv.sh" in c) < len(cmds) - 1
+
+
+def test_every_node_type_starts_in_the_edited_subnets(aws):
+    subnets = [nt["node_config"]["SubnetIds"] for nt in aws["available_node_types"].values()]
+    assert all(s == subnets[0] for s in subnets) and subnets[0]
+    text = AWS.read_text()
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert code.count("SubnetIds: &subnets") == 1
+    assert code.count("SubnetIds: *subnets") == len(subnets) - 1, "set the subnets in one place (a YAML anchor)"
+    before = text[:text.index("SubnetIds: &subnets")].splitlines()[-8:]
+    assert any(">>> EDIT" in line for line in before), "the subnets are marked >>> EDIT <<<"
+
+
+def test_on_demand_gpus_first_then_spot(aws):
+    workers = _worker_types(aws)
+    spot = {n: w for n, w in workers.items() if "InstanceMarketOptions" in w["node_config"]}
+    assert spot, "a spot GPU worker type"
+    for name, w in spot.items():
+        assert w["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+        twin = [n for n, o in workers.items() if n not in spot and o["resources"] == w["resources"]
+                and o["node_config"]["InstanceType"] == w["node_config"]["InstanceType"]]
+        assert len(twin) == 1, f"{name}: want one on-demand type of the same instance type"
+        on_demand = workers[twin[0]]
+        assert on_demand["priority"] > w["priority"], "the autoscaler takes on-demand first, spot for the rest"
+        assert w["max_workers"] > on_demand["max_workers"]
+    starts = " ".join(aws["worker_start_ray_commands"])
+    assert "orchestration.spot_watch --address=$RAY_HEAD_IP:6379" in starts and "flock -n" in starts
+
+
+def test_one_round_asks_for_every_node(aws):
+    # Ray's autoscaler v2 launches per round at most upscaling_speed x the running nodes of a type (>= 1)
+    assert aws["upscaling_speed"] >= max(w["max_workers"] for w in _worker_types(aws).values())
+
+
+def test_raw_image_cache_on_the_nodes_own_disk(aws, local):
+    for cfg in (aws, local):
+        env = _env_line(cfg)
+        local_cache = re.search(r"export WSML_CACHE=(\S+?)'", env).group(1)
+        assert "WSML_SHARED" not in local_cache, "the raw cache is read every epoch: not on shared storage"
+        assert "'export WSML_SHARED_CACHE=$WSML_SHARED/cache'" in env, "the compact cache: once, shared"
+    cmds = aws["setup_commands"]
+    prepare = next(i for i, c in enumerate(cmds) if "scripts/local_cache.sh" in c)
+    assert cmds[prepare] == 'bash ~/wsml/scripts/local_cache.sh "$WSML_CACHE"'
+    assert prepare < next(i for i, c in enumerate(cmds) if "cluster_venv.sh" in c)
+    for name, w in _worker_types(aws).items():   # without instance store, the root volume holds it
+        [ebs] = [d["Ebs"] for d in w["node_config"]["BlockDeviceMappings"] if d["DeviceName"] == "/dev/sda1"]
+        assert ebs["VolumeType"] == "gp3" and ebs["VolumeSize"] >= 200 and ebs["Throughput"] > 125, name
+        assert ebs["Iops"] >= 4 * ebs["Throughput"], f"{name}: gp3 wants Iops >= 4 x Throughput (MiB/s)"
 
 
 @pytest.mark.parametrize("path", [AWS, LOCAL], ids=["aws", "local"])
 def test_paths_are_set_in_one_place(path):
     cfg = ch.load_yaml(path)
     cmds = cfg["setup_commands"] + cfg.get("head_setup_commands", []) + cfg.get("worker_setup_commands", [])
-    for var in ("WSML_SHARED", "WSML_DATA_ROOT", "WSML_STORAGE"):
+    for var in ("WSML_SHARED", "WSML_DATA_ROOT", "WSML_STORAGE", "WSML_SHARED_CACHE", "WSML_CACHE"):
         setting = [c for c in cmds if f"export {var}=" in c]
         assert len(setting) == 1, f"{var} must be set by exactly one setup command"
     env_line = next(c for c in cmds if "export WSML_SHARED=" in c)
@@ -221,7 +311,7 @@ def test_file_mounts_carry_the_source_and_nothing_big(aws):
         assert Path(src).resolve() != Path(".").resolve() and src not in (".", "./")
     packages = {d.name for d in REPO.iterdir()
                 if (d / "__init__.py").exists() and d.name != "tests"}
-    needed = packages | {"search_spaces", "scripts", "requirements.txt"}
+    needed = packages | {"search_spaces", "scripts", "requirements.txt", "pyproject.toml"}   # setup.sh reads both
     assert needed <= sources, f"not copied to the nodes: {sorted(needed - sources)}"
     assert ".venv" not in sources and "data" not in sources
 
@@ -252,8 +342,8 @@ def test_docs_remote_commands_use_real_options():
     remote = [shlex.split(c)[3] for c in _doc_commands() if shlex.split(c)[1] == "exec"]
     sweeps = [r for r in remote if "orchestration/sweep.py" in r]
     assert any("--dataset cub" in s for s in sweeps) and any("--dataset digits" in s for s in sweeps)
-    for r in sweeps:
-        assert "--address auto" in r and '--storage "$WSML_STORAGE"' in r, r
+    for r in sweeps:   # --storage and --cache-dir default to what ~/.wsml_env sets on every node
+        assert "--address auto" in r and "--storage" not in r and "--cache-dir" not in r, r
     opts = set(re.findall(r"(--[a-z][a-z-]+)", " ".join(sweeps)))
     prose = set(re.findall(r"`(--[a-z][a-z-]+)`", text))
     for opt in opts | (prose - {"--tmux", "--address", "--help"}):

@@ -21,74 +21,16 @@ NaN raising TrainingDiverged (tests/test_train.py::test_divergence_is_reported).
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.test_sweep import (  # noqa: F401 - ray_address is a fixture (a 2-CPU Ray cluster per module)
-    SWEEP, clean_env, free_port, history, mlflow_runs, ray_address, ray_trials, write_space)
-
-
-
-# ------------------------------------------------------------------ helpers
-def rows_by_trial(exp_dir: Path) -> dict[str, list[dict]]:
-    """Ray's result.json rows of each trial, read while the sweep runs (a line being written is skipped)."""
-    out = {}
-    for f in glob.glob(str(exp_dir / "*/result.json")):
-        rows = []
-        for line in Path(f).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass
-        if rows:
-            out[rows[0]["trial_id"]] = rows
-    return out
-
-
-class Sweep:
-    """The sweep CLI in a subprocess, its output in a file."""
-
-    def __init__(self, cwd: Path, args: list[str], **env: str):
-        self.log_path = cwd / "driver.log"
-        self.err_path = cwd / "driver.err"
-        self._out, self._err = open(self.log_path, "w"), open(self.err_path, "w")
-        self.proc = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=cwd, env=clean_env(**env),
-                                     stdout=self._out, stderr=self._err)
-
-    def output(self) -> str:
-        return self.log_path.read_text()[-3000:] + self.err_path.read_text()[-4000:]
-
-    def wait_until(self, what: str, predicate, timeout: float = 300):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            value = predicate()
-            if value:
-                return value
-            assert self.proc.poll() is None, f"sweep ended while waiting for {what}: " + self.output()
-            time.sleep(0.1)
-        pytest.fail(f"timed out waiting for {what}: " + self.output())
-
-    def finish(self, timeout: float = 600) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def __enter__(self) -> "Sweep":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._out.close()
-        self._err.close()
+from tests.helpers import (MlflowServer, SweepProcess, history, mlflow_runs, ray_trials, rows_by_trial,
+                           write_space)
 
 
 def by_epoch(rows: list[dict]) -> dict[int, float]:
@@ -106,7 +48,7 @@ def by_epoch(rows: list[dict]) -> dict[int, float]:
 def _plain(config_json: str) -> tuple[tuple[int, float], ...]:
     import torch
 
-    from orchestration.trainable import train_config
+    from orchestration.trial import train_config
     from wsml.train import run
 
     threads = torch.get_num_threads()
@@ -137,7 +79,7 @@ def one_trial_space(tmp_path: Path) -> Path:
 def test_killed_trial_is_retried_from_its_checkpoint_with_identical_metrics(tmp_path, ray_address):
     space = one_trial_space(tmp_path)
     exp_dir = tmp_path / "ray_results" / "kill"
-    with Sweep(tmp_path, ["--dataset", "digits", "--space", str(space), "--name", "kill",
+    with SweepProcess(tmp_path, ["--dataset", "digits", "--space", str(space), "--name", "kill",
                           "--address", ray_address]) as sweep:
         # Tune's own `pid` result field names the trial's worker process.
         rows = sweep.wait_until("epoch 2", lambda: next(
@@ -173,7 +115,7 @@ def test_killed_trial_is_retried_from_its_checkpoint_with_identical_metrics(tmp_
 def test_truncated_latest_checkpoint_falls_back_to_the_earlier_one(tmp_path, ray_address):
     space = one_trial_space(tmp_path)
     exp_dir = tmp_path / "ray_results" / "trunc"
-    with Sweep(tmp_path, ["--dataset", "digits", "--space", str(space), "--name", "trunc",
+    with SweepProcess(tmp_path, ["--dataset", "digits", "--space", str(space), "--name", "trunc",
                           "--address", ray_address]) as sweep:
         rows = sweep.wait_until("epoch 3", lambda: next(
             (r for r in rows_by_trial(exp_dir).values() if r[-1]["epoch"] >= 3), None))
@@ -211,42 +153,13 @@ def test_truncated_latest_checkpoint_falls_back_to_the_earlier_one(tmp_path, ray
 
 
 # ------------------------------------------------ the MLflow server goes away
-def _start_mlflow(port: int, db: Path, artifacts: Path, log: Path) -> subprocess.Popen:
-    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(port), "--backend-store-uri", f"sqlite:///{db}",
-                               "--default-artifact-root", str(artifacts), "--workers", "1"],
-                              cwd=db.parent, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return server
-        except OSError:
-            pass
-        assert server.poll() is None and time.time() < deadline, log.read_text()[-2000:]
-        time.sleep(0.3)
-
-
-def _stop(server: subprocess.Popen) -> None:
-    server.terminate()                       # SIGTERM: the server stops its workers
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, ray_address):
-    port = free_port()
-    db, artifacts, server_log = tmp_path / "server.db", tmp_path / "artifacts", tmp_path / "server.log"
+    server = MlflowServer(tmp_path / "server.db", tmp_path / "artifacts", tmp_path / "server.log").start()
     password, token = "pw-S3CRET-4711", "tok-S3CRET-0815"
-    uri = f"http://alice:{password}@127.0.0.1:{port}"
-    plain_uri = f"http://127.0.0.1:{port}"
-    server = _start_mlflow(port, db, artifacts, server_log)
+    uri = f"http://alice:{password}@127.0.0.1:{server.port}"
+    plain_uri = server.url
     work = tmp_path / "cwd"
     work.mkdir()
     # grace = epochs: both trials run every epoch, so the outage falls inside them
@@ -254,15 +167,15 @@ def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, ray_address):
                         train_images=300)
     exp_dir = work / "ray_results" / "down"
     try:
-        with Sweep(work, ["--dataset", "digits", "--space", str(space), "--name", "down", "--mlflow-uri", uri,
+        with SweepProcess(work, ["--dataset", "digits", "--space", str(space), "--name", "down", "--mlflow-uri", uri,
                           "--address", ray_address], MLFLOW_TRACKING_TOKEN=token) as sweep:
             sweep.wait_until("two trials at epoch 1", lambda: len(
                 [r for r in rows_by_trial(exp_dir).values() if r[-1]["epoch"] >= 1]) == 2)
-            _stop(server)
+            server.stop()
             down_at = sum(len(r) for r in rows_by_trial(exp_dir).values())
             time.sleep(6)
             during = sum(len(r) for r in rows_by_trial(exp_dir).values())
-            server = _start_mlflow(port, db, artifacts, server_log)        # same port, same store
+            server.start()                                                  # same port, same store
             assert sweep.finish() == 0, sweep.output()
             out = sweep.log_path.read_text() + sweep.err_path.read_text()
         assert during >= down_at + 2, (down_at, during)                 # trials trained on meanwhile
@@ -288,7 +201,7 @@ def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, ray_address):
         assert "http://***@127.0.0.1" in parent.data.params["command"]
         assert password not in out and token not in out
     finally:
-        _stop(server)
+        server.stop()
 
 
 # --------------------------------------------------------- a diverging trial
@@ -300,33 +213,29 @@ def test_diverging_trial_fails_alone_and_is_not_retried(tmp_path, ray_address):
     import ray
     from mlflow import MlflowClient
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from orchestration import mlflow_log as M
-    from orchestration import tracking as T
-    from orchestration.sweep import connect_ray
-    from orchestration.trainable import train_trial, trial_dirname
+    from orchestration import cluster, store, tuner
+    from orchestration import common as T
+    from orchestration.mlflow_callback import MLflowTrialLogger
+    from orchestration.space import load_space
+    from orchestration.trainable import train_trial
 
+    space = load_space("digits", write_space(tmp_path / "space.yaml", num_samples=1, epochs=3, grace=3, schemes="[LL-R]",
+                                             max_failures=2))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)
-    experiment_id, parent = M.start_parent(c, "nan", "digits", {"command": "test"}, resume=False)
-    logger = M.MLflowTrialLogger(uri, experiment_id, parent, "nan", "digits", T.ROLE_TRIAL, epochs=3)
+    experiment_id, parent = store.start_parent(c, "nan", "digits", {"command": "test"}, resume=False)
+    logger = MLflowTrialLogger(uri, experiment_id, parent, "nan", "digits", T.ROLE_TRIAL, epochs=3)
     config = {"dataset": "digits", "epochs": 3, "seed": 0, "device": "cpu", "data_root": None,
               "train": {"num_workers": 0, "max_train_images": 200, "stop_drop": None}, "wsml_sweep": "nan",
               "scheme": "LL-R", "mode": "end-to-end", "delta_rel": 2.0,
               "lr": tune.grid_search([1e30, 1e-3, 2e-3])}
-    assert connect_ray(ray_address)
+    assert cluster.connect(ray_address)
     try:
-        tuner = tune.Tuner(
-            tune.with_resources(train_trial, {"cpu": 1}), param_space=config,
-            tune_config=tune.TuneConfig(metric="val_map", mode="max", reuse_actors=True,
-                                        scheduler=ASHAScheduler(time_attr="epoch", max_t=3, grace_period=3),
-                                        trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name="nan", storage_path=str(tmp_path / "ray_results"),
-                                      failure_config=tune.FailureConfig(max_failures=2),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                      callbacks=[logger], verbose=0))
-        results = tuner.fit()
+        results = tuner.build(space, name="nan", storage=str(tmp_path / "ray_results"), trainable=train_trial,
+                              resources={"cpu": 1}, param_space=config, num_samples=1, search=False,
+                              callbacks=[logger], verbose=0).fit()
+        logger.finish(wait_s=5)
     finally:
         ray.shutdown()
     assert not results.errors and len(results) == 3
@@ -338,7 +247,7 @@ def test_diverging_trial_fails_alone_and_is_not_retried(tmp_path, ray_address):
     for lr in (1e-3, 2e-3):
         assert by_lr[lr].metrics["epoch"] == 3 and "wsml_error" not in by_lr[lr].metrics
 
-    runs = {float(r.data.params["lr"]): r for r in M.find_runs(c, experiment_id, **{T.TAG_ROLE: T.ROLE_TRIAL})}
+    runs = {float(r.data.params["lr"]): r for r in store.find_runs(c, experiment_id, **{T.TAG_ROLE: T.ROLE_TRIAL})}
     assert len(runs) == 3
     bad = runs[1e30]
     assert bad.info.status == "FAILED"
@@ -403,39 +312,38 @@ def _result(epoch: int) -> dict:
 def test_callback_buffers_while_the_store_is_down(tmp_path, capfd):
     from mlflow import MlflowClient
 
-    from orchestration import mlflow_log as M
-    from orchestration import tracking as T
+    from orchestration import common as T
+    from orchestration import store
+    from orchestration.mlflow_callback import MLflowTrialLogger
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     real = MlflowClient(uri)
-    exp, parent = M.start_parent(real, "flaky", "digits", {"command": "x"}, resume=False)
-    cb = M.MLflowTrialLogger(uri, exp, parent, "flaky", "digits", T.ROLE_TRIAL, epochs=3, flush_wait_s=1.0)
-    cb.RETRY_FIRST_S = 0.0                                  # retry at the next hook
+    exp, parent = store.start_parent(real, "flaky", "digits", {"command": "x"}, resume=False)
+    cb = MLflowTrialLogger(uri, exp, parent, "flaky", "digits", T.ROLE_TRIAL, epochs=3)
+    cb.outbox.RETRY_FIRST_S = 0.0                           # retry at the next call
     flaky = cb._client = _FlakyClient(real)
     a, b = _Trial("a", 1), _Trial("b", 2)
-    trials = [a, b]
-    cb.on_step_begin(0, trials)
-    cb.on_trial_start(0, trials, a)                         # a's run exists before the outage
-    cb.on_trial_result(0, trials, a, _result(1))
+    cb.log_trial_start(a)                                   # a's run exists before the outage
+    cb.log_trial_result(0, a, _result(1))
 
     flaky.down = True
-    cb.on_trial_result(0, trials, a, _result(2))            # queued
-    cb.on_trial_start(0, trials, b)                         # b's run cannot even be created
-    cb.on_trial_result(0, trials, b, _result(1))
+    cb.log_trial_result(0, a, _result(2))                   # queued
+    cb.log_trial_start(b)                                   # b's run cannot even be created
+    cb.log_trial_result(0, b, _result(1))
     b.num_failures = 1
-    cb.on_trial_recover(0, trials, b)
-    cb.on_trial_result(0, trials, b, _result(1))            # a repeated epoch: queued once
+    cb.log_trial_start(b)                                   # Tune restarts it after a failure
+    cb.log_trial_result(0, b, _result(1))                   # a repeated epoch: queued once
     for _ in range(3):
-        cb.on_step_begin(0, trials)                         # retries, still down
-    assert len(M.find_runs(real, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})) == 1
+        cb.outbox.flush()                                   # retries, still down
+    assert len(store.find_runs(real, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})) == 1
     err = capfd.readouterr().err
     assert err.count("cannot be reached") == 1 and "trials go on" in err   # said once per outage
 
     flaky.down, flaky.fail_in = False, 0
-    cb.on_step_begin(0, trials)                             # the store answers: all delivered
+    cb.outbox.flush()                                       # the store answers: all delivered
     err = capfd.readouterr().err
     assert "answers again" in err
-    runs = {r.data.tags[T.TAG_TRIAL_ID]: r for r in M.find_runs(real, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})}
+    runs = {r.data.tags[T.TAG_TRIAL_ID]: r for r in store.find_runs(real, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})}
     assert set(runs) == {"a", "b"}
     assert [s for s, _ in history(uri, runs["a"].info.run_id)] == [1, 2]
     assert [s for s, _ in history(uri, runs["b"].info.run_id)] == [1]
@@ -445,40 +353,93 @@ def test_callback_buffers_while_the_store_is_down(tmp_path, capfd):
     # down again, failing half-way through the end of `a` (its metrics and tag got through)
     for e in (2, 3):
         b.last_result = _result(e)
-        cb.on_trial_result(0, trials, b, b.last_result)
+        cb.log_trial_result(0, b, b.last_result)
     a.last_result = _result(3)
-    cb.on_trial_result(0, trials, a, a.last_result)
+    cb.log_trial_result(0, a, a.last_result)
     flaky.down, flaky.fail_in = True, 2
-    a.status = "TERMINATED"
-    cb.on_trial_complete(0, trials, a)
-    assert runs["a"].info.status == real.get_run(runs["a"].info.run_id).info.status == "RUNNING"
+    cb.log_trial_end(a)
+    assert real.get_run(runs["a"].info.run_id).info.status == "RUNNING"
     flaky.down = False
-    cb.on_step_begin(0, trials)
+    cb.outbox.flush()
     assert real.get_run(runs["a"].info.run_id).info.status == "FINISHED"
     flaky.refuse = "set_tag"                                # a refused call is dropped, not retried forever
     b.num_failures = 2
-    cb.on_trial_recover(0, trials, b)
-    b.status = "TERMINATED"
-    cb.on_trial_complete(0, trials, b)
-    cb.on_experiment_end(trials)
+    cb.log_trial_start(b)
+    cb.log_trial_end(b)
+    assert cb.finish(wait_s=1) == 0
     err = capfd.readouterr().err
-    assert "refused a tag call of trial b" in err
-    runs = {r.data.tags[T.TAG_TRIAL_ID]: r for r in M.find_runs(real, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})}
+    assert "refused the tag call of trial b" in err
+    runs = {r.data.tags[T.TAG_TRIAL_ID]: r for r in store.find_runs(real, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})}
     for tid in ("a", "b"):
         r = runs[tid]
         assert (r.info.status, r.data.tags[T.TAG_STATUS_REASON]) == ("FINISHED", "completed"), tid
         assert [s for s, _ in history(uri, r.info.run_id)] == [1, 2, 3], tid      # each epoch exactly once
         assert len(real.get_metric_history(r.info.run_id, T.TEST_MAP)) == 1, tid  # final metrics once
     assert runs["b"].data.tags["wsml.failures"] == "1"     # the refused update was dropped
-    assert M.EXPERIMENT_INTERRUPTED[("flaky", T.ROLE_TRIAL)] is False
 
-    # a store that never comes back: the end waits flush_wait_s, says what was lost, does not raise
+    # a store that never comes back: the end waits wait_s, says what was lost, does not raise
     c = _Trial("c", 3)
-    cb.on_trial_start(0, [c], c)
+    cb.log_trial_start(c)
     flaky.down = True
-    cb.on_trial_result(0, [c], c, _result(1))
+    cb.log_trial_result(0, c, _result(1))
     t0 = time.monotonic()
-    cb.on_experiment_end([c])
+    assert cb.finish(wait_s=1) == 2                         # c's epoch and its end (KILLED: never ended)
     assert time.monotonic() - t0 < 10
     err = capfd.readouterr().err
     assert "could not be reached for 1 s: 2 logging call(s) of 1 trial run(s) not delivered" in err
+
+
+def test_outbox_order_retry_and_refusal_without_tune(capfd):
+    """The outbox alone, with calls that fail like a store that is down, then refuse."""
+    from orchestration.outbox import Outbox
+
+    class Down(OSError):
+        pass
+
+    class Refused(ValueError):
+        pass
+
+    now = [0.0]
+    box = Outbox("http://***@store", is_transient=lambda e: isinstance(e, Down), clock=lambda: now[0])
+    sent, state = [], {"down": False}
+
+    def call(name, refuse=False):
+        def send():
+            if state["down"]:
+                raise Down("connection refused")
+            if refuse:
+                raise Refused(f"bad {name}")
+            sent.append(name)
+        return send
+
+    box.put("a", call("a1"), "open", opens=True)
+    state["down"] = True
+    box.put("a", call("a2"), "epoch 1")
+    box.put("b", call("b1"), "open", opens=True)
+    box.put("b", call("b2"), "epoch 1")
+    assert sent == ["a1"] and box.pending == 3 and box.down
+    now[0] += 1.0                                           # before the first retry (2 s): nothing is tried
+    state["down"] = False
+    box.put("a", call("a3"), "epoch 2")
+    assert sent == ["a1"] and box.pending == 4
+    now[0] += 1.5
+    box.flush()
+    assert sent == ["a1", "a2", "a3", "b1", "b2"] and box.pending == 0 and not box.down
+    err = capfd.readouterr().err
+    assert err.count("cannot be reached") == 1 and "answers again after 2 s: 4 buffered" in err
+    assert "http://***@store" in err
+
+    box.put("c", call("c1", refuse=True), "open", opens=True)      # its run refused: the queue goes
+    box.put("d", call("d1"), "open", opens=True)
+    box.put("d", call("d2", refuse=True), "tag")                   # one call refused: dropped alone
+    box.put("d", call("d3"), "end")
+    assert sent[-2:] == ["d1", "d3"] and box.pending == 0
+    err = capfd.readouterr().err
+    assert "refused the run of trial c (bad c1)" in err and "refused the tag call of trial d (bad d2)" in err
+
+    state["down"] = True
+    box.put("e", call("e1"), "open", opens=True)
+    slept = []
+    lost = box.drain(5.0, sleep=lambda s: (slept.append(s), now.__setitem__(0, now[0] + s)))
+    assert lost == 1 and sum(slept) == pytest.approx(5.0)
+    assert "could not be reached for 5 s: 1 logging call(s) of 1 trial run(s) not delivered" in capfd.readouterr().err

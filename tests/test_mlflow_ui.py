@@ -1,6 +1,6 @@
 """What a person sees in the MLflow UI for a sweep: a real `mlflow server` and headless Chromium.
 
-Runs are written in the project's schema (orchestration/tracking.py) through
+Runs are written in the project's schema (orchestration/common.py) through
 the REST client against the server; their data is checked through the REST
 API, and the browser only checks what a person sees: the nested trial runs of
 the sweep in the runs table, a val_map column and a searched param made
@@ -13,12 +13,6 @@ Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium,
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -48,76 +42,13 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
-from orchestration import tracking as T  # noqa: E402
-from tests.test_aggregate import RunSpec, curve, final_specs, write_sweep  # noqa: E402
+from orchestration import common as T  # noqa: E402
+from tests.helpers import poll  # noqa: E402
+from tests.synthetic_runs import RunSpec, curve, final_specs, write_sweep  # noqa: E402
 
 CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", "--window-size=1600,1000"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poll(what: str, fn, timeout: float = 60.0, interval: float = 0.25, on_timeout=None):
-    """Call fn until it returns something truthy (exceptions count as not yet); fail after timeout."""
-    end = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < end:
-        try:
-            value = fn()
-            if value:
-                return value
-        except Exception as err:  # noqa: BLE001 - the page is still changing
-            last = err
-        time.sleep(interval)
-    if on_timeout:
-        on_timeout()
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
-                         + (f" (last error: {type(last).__name__}: {last})" if last else ""))
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on 127.0.0.1:<free port> against a SQLite store in tmp_path; yields its URL."""
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        if proc.poll() is not None:
-            raise RuntimeError("exited")
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-            return r.status == 200
-
-    try:
-        try:
-            poll("mlflow server /health", healthy, timeout=120, interval=0.5)
-        except AssertionError:
-            log.flush()
-            raise AssertionError(f"mlflow server did not come up (exit {proc.poll()}):\n"
-                                 + (tmp_path / "server.log").read_text()[-3000:]) from None
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)          # stops its workers too
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)   # its own session: only what it started
-                proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture
@@ -167,7 +98,7 @@ def _show_column(driver, name: str) -> None:
 
 def test_sweep_runs_in_the_mlflow_ui(mlflow_server, browser, tmp_path):
     t_start = time.monotonic()
-    url = mlflow_server
+    url = mlflow_server.url
     client = MlflowClient(tracking_uri=url)                    # the REST client
     rng = np.random.default_rng(7)
     specs = [RunSpec("LL-R", delta_rel=2.0, lr=1e-3, val_map=curve(51, 5, rng)),
@@ -293,3 +224,66 @@ def _metric_row(driver, key: str) -> list[str] | None:
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", values_grid)
     ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(values_grid), 0, 400).perform()
     return None
+
+
+def test_the_sweep_run_shows_table1_and_the_figures_in_its_artifacts(browser, tmp_path, monkeypatch):
+    """A local store as the sweep leaves it (sqlite mlflow.db, artifacts in MLflow's default ./mlruns),
+    aggregated and attached to the sweep's run by the sweep's own code; then `mlflow server` on that
+    store, as `mlflow ui --backend-store-uri sqlite:///mlflow.db` runs it, and the run's Artifacts tab."""
+    from PIL import Image
+
+    from orchestration import store
+    from orchestration.aggregate import aggregate
+    from tests.helpers import MlflowServer
+
+    monkeypatch.chdir(tmp_path)                 # the sweep's working folder: mlflow.db and mlruns/ go here
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    writer = store.client(uri)
+    rng = np.random.default_rng(3)
+    specs = [RunSpec("AN", delta_rel=0.0, val_map=curve(60, 5, rng)),
+             RunSpec("LL-R", delta_rel=2.0, val_map=curve(70, 5, rng))]
+    tests = {"AN": [61.0, 62.5, 60.4], "LL-R": [71.2, 70.1, 72.0]}
+    specs += final_specs("AN", tests["AN"]) + final_specs("LL-R", tests["LL-R"])
+    exp_id, parent_id, _ = write_sweep(writer, "ui-results", "digits", "end-to-end", specs)
+    res = aggregate(uri, None, tmp_path / "results")
+    logged = store.log_results(writer, parent_id, res.out_dir, res.files + res.figures)
+    assert {"table1.md", "figures/table1_vs_paper.png"} <= set(logged)
+    assert (tmp_path / "mlruns" / exp_id / parent_id / "artifacts" / "table1.md").is_file()
+
+    server = MlflowServer(tmp_path / "mlflow.db", tmp_path / "server-artifacts", tmp_path / "server.log").start()
+    try:
+        client = MlflowClient(tracking_uri=server.url)
+        # the server lists and serves them (what the UI asks it for)
+        assert {f.path for f in client.list_artifacts(parent_id)} >= {"table1.md", "figures"}
+        d = browser
+        d.get(f"{server.url}/#/experiments/{exp_id}/runs/{parent_id}/artifacts")
+        fail = lambda name: lambda: _shot(d, name)  # noqa: E731
+
+        def node(name: str):
+            return d.find_element(By.CSS_SELECTOR, f"[data-testid='artifact-tree-node'][artifact-name='{name}']")
+
+        poll("table1.md in the run's artifact tree", lambda: node("table1.md"), timeout=90,
+             on_timeout=fail("timeout-artifacts.png")).click()
+        # the markdown is rendered: the title, and the digits cells of AN and LL-R (a cell may wrap)
+        want = ["Table 1: test mAP, ours vs. the paper"] + [
+            f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f} (n=3)" for v in tests.values()]
+        poll("Table 1 in the artifact preview",
+             lambda: all(w in " ".join(d.find_element(By.TAG_NAME, "body").text.split()) for w in want),
+             on_timeout=fail("timeout-table1.png"))
+        _close_assistant(d)
+        _shot(d, "artifacts-table1.png")
+
+        node("figures").click()
+        poll("the Table 1 figure in the tree", lambda: node("table1_vs_paper.png"),
+             on_timeout=fail("timeout-figures.png")).click()
+        width = Image.open(tmp_path / "results" / "figures" / "table1_vs_paper.png").size[0]
+
+        def shown_image():
+            return [i for i in d.find_elements(By.TAG_NAME, "img")
+                    if (i.get_attribute("src") or "").startswith("blob:")
+                    and int(i.get_attribute("naturalWidth") or 0) == width]
+
+        poll("the Table 1 figure in the artifact preview", shown_image, on_timeout=fail("timeout-figure.png"))
+        _shot(d, "artifacts-table1-figure.png")
+    finally:
+        server.stop()

@@ -5,7 +5,14 @@ must differ here (head address, SSH user/key/port, the shared folder, the
 cluster's name and Ray's ports; checked below), starts an sshd on 127.0.0.1
 that admits only the dedicated user `wsmlray`, then runs the commands of
 the README: `ray up`, `ray exec ... 'ray status'`, the digits smoke
-sweep, `ray down`.
+sweep, `ray down`. Before `ray down` it runs the set-up a worker node runs
+(the file's setup_commands) on the head with the head's venv moved away, as
+on a fresh node: the venv comes from the archive the head published on the
+shared folder (scripts/cluster_venv.sh). The head's venv is lent from this
+machine's (a symlink, or a thin overlay), so that archive is small and that
+time says nothing; `WSML_RAY_UP_MEASURE=1` runs one more test that gives the
+head a full copy of the venv and measures a worker's set-up with the archive
+of it and without (the whole venv from the package index; minutes).
 
 Why a dedicated user: `ray stop`, which `ray up` and `ray down` run on the head,
 kills every Ray process on the machine it is allowed to signal (as root: all
@@ -21,6 +28,7 @@ openssh-server, rsync and netcat-openbsd.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import importlib.util
@@ -87,7 +95,10 @@ def make_variant(real: dict, *, name: str, user: str, key: Path, ssh_port: int,
     head = cfg["head_start_ray_commands"]
     [j] = [j for j, c in enumerate(head) if "ray start --head" in c]
     assert "--port=6379" in head[j]
+    # this machine has no GPU: the head declares one (the README's smoke sweep asks for a GPU per
+    # trial; WSML_FAKE_GPUS=1 in the user's environment lets those trials train on the CPU)
     head[j] = head[j].replace("--port=6379", f"--port={ports['gcs']}") + (
+        " --num-gpus=1"
         f" --dashboard-port={ports['dashboard']}"
         f" --dashboard-agent-listen-port={ports['agent']}"
         f" --metrics-export-port={ports['metrics']}")
@@ -115,7 +126,8 @@ def changed_paths(a, b, prefix=""):
 class Rig:
     """Everything the test starts, and how to take it down again."""
 
-    def __init__(self):
+    def __init__(self, venv: str = "lend"):
+        self.venv = venv            # "lend" (ch.lend_venv) or "copy" (ch.copy_venv: a full venv of the user's)
         self.tmp = Path(tempfile.mkdtemp(prefix="wru-", dir="/tmp"))
         self.tmp.chmod(0o755)
         self.name = f"wsml-test-{uuid.uuid4().hex[:8]}"
@@ -169,9 +181,17 @@ class Rig:
             "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n"
             "export RAY_USAGE_STATS_ENABLED=0\n"
             "export RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/\n"
-            "export MLFLOW_DISABLE_TELEMETRY=true\n"))
+            "export MLFLOW_DISABLE_TELEMETRY=true\n"
+            "export WSML_FAKE_GPUS=1\n"
+            # the venv comes from this machine, where its editable install points at another checkout;
+            # a node's own scripts/setup.sh points it at ~/wsml
+            "export PYTHONPATH=$HOME/wsml\n"))
         home = Path(self.user.pw_dir)
-        self.venv_mode = ch.lend_venv(REPO / ".venv", home / "wsml" / ".venv", self.user, self.tmp)
+        if self.venv == "copy":
+            ch.copy_venv(REPO / ".venv", home / "wsml" / ".venv", self.user)
+            self.venv_mode = "copy"
+        else:
+            self.venv_mode = ch.lend_venv(REPO / ".venv", home / "wsml" / ".venv", self.user, self.tmp)
 
         ssh_port, *ray_ports = ch.free_ports(6)
         self.sshd = ch.SshServer(self.tmp / "sshd", self.user, ssh_port)
@@ -221,20 +241,26 @@ class Rig:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-@pytest.fixture
-def rig():
+@contextlib.contextmanager
+def _rig(venv: str):
     why = _missing_prereqs()
     if why:
         pytest.skip(why)
     # One run at a time on a machine: they share the user wsmlray.
     with open("/tmp/wsml-test-ray-up.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        r = Rig()
+        r = Rig(venv)
         try:
             r.start()
             yield r
         finally:
             r.close()
+
+
+@pytest.fixture
+def rig():
+    with _rig("lend") as r:
+        yield r
 
 
 def _head_logs(r: Rig) -> str:
@@ -278,6 +304,29 @@ def _smoke_sweep(r: Rig) -> None:
     assert runs >= samples, f"MLflow store on the head has {runs} runs, want >= {samples}"
 
 
+def _worker_setup(r: Rig, timeout: float) -> tuple[str, float]:
+    """Run the file's worker set-up (setup_commands, then worker_setup_commands) on the head with its venv
+    moved away, as on a new node (the venv is put back after); returns (output, seconds)."""
+    cmds = r.cfg["setup_commands"] + r.cfg.get("worker_setup_commands", [])
+    script = "\n".join([
+        "set -e", "mv ~/wsml/.venv ~/wsml/.venv.head",
+        "trap 'rm -rf ~/wsml/.venv; mv ~/wsml/.venv.head ~/wsml/.venv' EXIT",
+        "t0=$(date +%s.%N)", *[f"( {c} )" for c in cmds],
+        'echo "worker set-up: $(echo "$(date +%s.%N) - $t0" | bc) s"'])
+    got = r.ray([ch.ray_cli(), "exec", str(r.yaml_path), f"bash -c {shlex.quote(script)}"], timeout=timeout)
+    out = got.stdout + got.stderr
+    assert got.returncode == 0, f"worker set-up failed:\n{out[-6000:]}"
+    m = re.search(r"worker set-up: ([0-9.]+) s", out)
+    assert m, out[-3000:]
+    return out, float(m.group(1))
+
+
+def _venv_seconds(out: str, how: str) -> int:
+    m = re.search(rf"venv: {how} .*?in (\d+) s", out)
+    assert m, f"no 'venv: {how}' line:\n{out[-3000:]}"
+    return int(m.group(1))
+
+
 @pytest.mark.timeout(600)
 def test_ray_up_sweep_ray_down(rig: Rig):
     r = rig
@@ -313,6 +362,13 @@ def test_ray_up_sweep_ray_down(rig: Rig):
     _smoke_sweep(r)
     t_sweep = time.monotonic() - t1
 
+    # A worker's set-up: its venv is the archive the head published on the shared folder
+    archives = list((r.shared / "venvs").glob("venv-*"))
+    assert len(archives) == 1, f"the head published no venv archive (or several): {archives}"
+    out, t_worker = _worker_setup(r, timeout=240)
+    assert f"venv: unpacked {archives[0]}" in out, out[-3000:]
+    assert "gpu check: no NVIDIA GPU on this node" in out, out[-3000:]
+
     t2 = time.monotonic()
     down = r.ray([ch.ray_cli(), "down", "-y", str(r.yaml_path)], timeout=120)
     r.up = False
@@ -325,4 +381,28 @@ def test_ray_up_sweep_ray_down(rig: Rig):
     left = [c for c in left if re.search(r"gcs_server|raylet|ray/dashboard|default_worker|ray::|"
                                          r"monitor\.py|log_monitor|runtime_env", c)]
     assert not left, f"Ray processes of {ch.RAY_USER} still running after ray down: {left}"
-    print(f"venv: {r.venv_mode}; ray up {t_up:.0f}s, sweep {t_sweep:.0f}s, ray down {t_down:.0f}s")
+    print(f"venv: {r.venv_mode}; ray up {t_up:.0f}s, sweep {t_sweep:.0f}s, ray down {t_down:.0f}s, "
+          f"a worker's set-up from the (lent, small) venv archive {t_worker:.0f}s")
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.skipif(not os.environ.get("WSML_RAY_UP_MEASURE"), reason="set WSML_RAY_UP_MEASURE=1: downloads the "
+                    "whole venv from the package index (minutes)")
+def test_worker_setup_time_with_and_without_the_venv_archive():
+    with _rig("copy") as r:
+        t0 = time.monotonic()
+        up = r.ray([ch.ray_cli(), "up", "-y", str(r.yaml_path)], timeout=1200)
+        r.up = True
+        assert up.returncode == 0, f"ray up failed:\n{up.stdout[-6000:]}\n{up.stderr[-3000:]}"
+        t_up = time.monotonic() - t0
+        [archive] = (r.shared / "venvs").glob("venv-*")
+        size_gb = archive.stat().st_size / 1e9
+        published = _venv_seconds(up.stdout + up.stderr, "published")
+        with_archive, t_with = _worker_setup(r, timeout=1200)
+        unpacked = _venv_seconds(with_archive, "unpacked")
+        archive.rename(archive.with_name("away"))          # a cluster without the archive
+        without, t_without = _worker_setup(r, timeout=3000)
+        built = _venv_seconds(without, "built from the package index")
+        print(f"\nhead: ray up {t_up:.0f} s, of which publishing the venv archive ({size_gb:.1f} GB) {published} s")
+        print(f"worker set-up with the archive {t_with:.0f} s (venv unpacked in {unpacked} s); without it "
+              f"{t_without:.0f} s (venv from the package index in {built} s): {t_without / t_with:.1f}x")

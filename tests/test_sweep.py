@@ -6,120 +6,27 @@ the MLflow-server test starts Ray in-process, as the CLI does by default.
 from __future__ import annotations
 
 import glob
-import json
-import os
 import pickle
 import re
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SWEEP = ROOT / "orchestration" / "sweep.py"
+from tests.helpers import SWEEP, clean_env, free_port, history, mlflow_runs, ray_trials, run_cli, write_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-# ------------------------------------------------------------------ helpers
-def clean_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(k, None)
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/",
-               MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_space(path: Path, *, num_samples: int, epochs: int, grace: int = 2, final_seeds: int = 0,
-                schemes: str = "[LL-R, LL-Ct, LL-Cp]", cpus: float = 1, gpus: float = 0,
-                max_failures: int = 2, train_images: int = 300) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        dataset: digits
-        search:
-          scheme: {schemes}
-          delta_rel: {{low: 0.5, high: 4.0}}
-          lr: {{low: 2.0e-4, high: 5.0e-3, log: true}}
-        num_samples: {num_samples}
-        epochs: {epochs}
-        search_seed: 0
-        scheduler: {{grace_period: {grace}, reduction_factor: 2}}
-        resources: {{cpus_per_trial: {cpus}, gpus_per_trial: {gpus}}}
-        final_seeds: {final_seeds}
-        max_failures: {max_failures}
-        train: {{num_workers: 0, max_train_images: {train_images}, stop_drop: null}}
-        """))
-    return path
-
-
-def run_cli(args: list[str], cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SWEEP), *args], cwd=cwd, env=clean_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ray_trials(exp_dir: Path) -> dict[str, dict]:
-    """trial id -> {"config": params.json, "results": [result.json rows]} read from Ray's folder."""
-    out = {}
-    for d in sorted(p for p in exp_dir.iterdir() if p.is_dir() and (p / "params.json").exists()):
-        rows = [json.loads(ln) for ln in (d / "result.json").read_text().splitlines() if ln.strip()] \
-            if (d / "result.json").exists() else []
-        tid = rows[0]["trial_id"] if rows else None
-        if tid:
-            out[tid] = {"config": json.loads((d / "params.json").read_text()), "results": rows, "dir": d}
-    return out
-
-
-def mlflow_runs(uri: str, experiment: str) -> dict[str, list]:
-    from mlflow import MlflowClient
-
-    c = MlflowClient(uri)
-    exp = c.get_experiment_by_name(experiment)
-    assert exp is not None, f"no experiment {experiment} in {uri}"
-    runs = c.search_runs([exp.experiment_id], max_results=1000)
-    by_role: dict[str, list] = {}
-    for r in runs:
-        by_role.setdefault(r.data.tags.get("wsml.role"), []).append(r)
-    return by_role
-
-
-def history(uri: str, run_id: str, key: str = "val_map") -> list[tuple[int, float]]:
-    from mlflow import MlflowClient
-
-    return sorted((int(m.step), float(m.value)) for m in MlflowClient(uri).get_metric_history(run_id, key))
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    """One Ray cluster (2 CPUs) for the sweeps of this module; they join it with --address."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    try:
-        yield cluster.address
-    finally:
-        cluster.shutdown()
-
-
 # ------------------------------------------------------------ the main sweep
 def test_sweep_optuna_asha_mlflow_final(tmp_path, ray_address):
-    """8 trials, epochs 4, grace 2: ASHA stops some; Optuna's proposals are the configs run;
-    MLflow (local default: mlflow.db in the working directory) mirrors Ray's results; final reruns."""
-    space = write_space(tmp_path / "space.yaml", num_samples=8, epochs=4, final_seeds=2,
-                        schemes="[LL-R, LL-Cp]")
+    """12 trials of 3 schemes, epochs 4, grace 2: each scheme its own study with 4 trials, its default
+    first; ASHA stops some; Optuna's proposals are the configs run; MLflow (local default: mlflow.db in
+    the working directory) mirrors Ray's results; each scheme's best is rerun with 2 seeds."""
+    space = write_space(tmp_path / "space.yaml", num_samples=12, epochs=4, final_seeds=2, train_images=200)
     t0 = time.time()
     r = run_cli(["--dataset", "digits", "--space", str(space), "--name", "main", "--address", ray_address],
                 cwd=tmp_path)
@@ -131,31 +38,35 @@ def test_sweep_optuna_asha_mlflow_final(tmp_path, ray_address):
     out = r.stdout
     assert "best configuration per scheme" in out
     assert f"mlflow ui --backend-store-uri {uri}" in out
-    assert "scheme" in out and "val_map" in out and "delta_rel" in out   # the progress table's columns
+    # the default progress: a line per trial event under its MLflow run name, no Ray table
+    assert re.search(r"^\[\d+:\d\d\] end +LL-(R|Ct|Cp) d=\S+ lr=\S+ #t\d+  epoch [234]/4  val mAP ", out, re.M)
+    assert "stopped early by ASHA" in out and "== Status ==" not in out
 
     exp_dir = tmp_path / "ray_results" / "main"
     trials = ray_trials(exp_dir)
-    assert len(trials) == 8
+    assert len(trials) == 12
     last_epochs = {tid: t["results"][-1]["epoch"] for tid, t in trials.items()}
     assert any(e < 4 for e in last_epochs.values()), last_epochs          # ASHA stopped some early
     assert any(e == 4 for e in last_epochs.values()), last_epochs
     assert all(e >= 2 for e in last_epochs.values()), last_epochs         # never before the grace period
 
-    # Optuna proposed exactly the configurations that ran (searcher state saved by Tune)
+    # each scheme was its own study with its share of the trials, and Optuna proposed exactly the
+    # configurations that ran (searcher state saved by Tune)
     [state_file] = glob.glob(str(exp_dir / "searcher-state-*.pkl"))
     with open(state_file, "rb") as f:
         state = pickle.load(f)
-    ot_trials = state["_ot_trials"]
-    assert set(ot_trials) == set(trials)
+    assert set(state["owner"]) == set(trials)
+    assert state["assigned"] == {(sc, "end-to-end", False): 4 for sc in ("LL-R", "LL-Ct", "LL-Cp")}
     for tid, t in trials.items():
-        params = ot_trials[tid].params
+        group = state["owner"][tid]
         cfg = t["config"]
-        assert params["scheme"] == cfg["scheme"]
+        assert group == (cfg["scheme"], cfg["mode"], False)
+        params = state["studies"][group]["_ot_trials"][tid].params
         assert params["lr"] == pytest.approx(cfg["lr"], rel=1e-12)
         assert params["delta_rel"] == pytest.approx(cfg["delta_rel"], rel=1e-12)
     # the paper's defaults (digits: lr 1e-3, delta_rel 2) ran first, one per scheme
-    first = sorted(trials.values(), key=lambda t: int(t["dir"].name.split("_")[1]))[:2]   # trial_001_...
-    assert {t["config"]["scheme"] for t in first} == {"LL-R", "LL-Cp"}
+    first = sorted(trials.values(), key=lambda t: int(t["dir"].name.split("_")[1]))[:3]   # trial_001_...
+    assert {t["config"]["scheme"] for t in first} == {"LL-R", "LL-Ct", "LL-Cp"}
     assert all(t["config"]["lr"] == 1e-3 and t["config"]["delta_rel"] == 2.0 for t in first)
 
     runs = mlflow_runs(uri, "main")
@@ -163,7 +74,7 @@ def test_sweep_optuna_asha_mlflow_final(tmp_path, ray_address):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["wsml.dataset"] == "digits" and parent.data.tags["wsml.sweep"] == "main"
     assert "--space" in parent.data.params["command"] and parent.data.params["git_commit"]
-    assert parent.data.params["space.scheme"] == "LL-R,LL-Cp" and parent.data.params["num_samples"] == "8"
+    assert parent.data.params["space.scheme"] == "LL-R,LL-Ct,LL-Cp" and parent.data.params["num_samples"] == "12"
 
     children = runs["trial"]
     assert sorted(c.data.tags["wsml.trial_id"] for c in children) == sorted(trials)   # one per trial
@@ -175,7 +86,7 @@ def test_sweep_optuna_asha_mlflow_final(tmp_path, ray_address):
         assert tags["wsml.dataset"] == "digits" and tags["wsml.mode"] == "end-to-end" and tags["wsml.seed"] == "0"
         assert tags["wsml.scheme"] == t["config"]["scheme"] == c.data.params["scheme"]
         assert float(c.data.params["lr"]) == pytest.approx(t["config"]["lr"])
-        assert re.fullmatch(r"LL-(R|Cp) d=\S+ lr=\S+ #t\d+", c.info.run_name), c.info.run_name
+        assert re.fullmatch(r"LL-(R|Ct|Cp) d=\S+ lr=\S+ #t\d+", c.info.run_name), c.info.run_name
         ray_hist = [(row["epoch"], row["val_map"]) for row in t["results"]]
         assert history(uri, c.info.run_id) == [(e, pytest.approx(v)) for e, v in ray_hist]
         assert len(history(uri, c.info.run_id, "modified_frac")) == len(ray_hist)
@@ -188,7 +99,7 @@ def test_sweep_optuna_asha_mlflow_final(tmp_path, ray_address):
 
     # final stage: each scheme's best trial rerun with seeds 0 and 1 to the full 4 epochs
     finals = runs["final"]
-    assert len(finals) == 4
+    assert len(finals) == 6
     best = {}
     for tid, t in trials.items():
         s = t["config"]["scheme"]
@@ -201,11 +112,16 @@ def test_sweep_optuna_asha_mlflow_final(tmp_path, ray_address):
         assert f.data.tags["wsml.source_trial"] == best[f.data.tags["wsml.scheme"]]
         assert f.data.tags["wsml.dataset"] == "digits" and f.data.tags["wsml.mode"] == "end-to-end"
     assert sorted((f.data.tags["wsml.scheme"], f.data.tags["wsml.seed"]) for f in finals) == \
-        [("LL-Cp", "0"), ("LL-Cp", "1"), ("LL-R", "0"), ("LL-R", "1")]
+        [("LL-Cp", "0"), ("LL-Cp", "1"), ("LL-Ct", "0"), ("LL-Ct", "1"), ("LL-R", "0"), ("LL-R", "1")]
+    # each scheme's chosen configuration is at least as good as its default, which every study ran
+    for scheme, tid in best.items():
+        [default] = [t for t in trials.values() if t["config"]["scheme"] == scheme
+                     and t["config"]["lr"] == 1e-3 and t["config"]["delta_rel"] == 2.0]
+        chosen = trials[tid]["results"][-1]["best_val_map"]
+        assert chosen >= default["results"][-1]["best_val_map"], scheme
     assert "final runs (2 seeds each)" in out
-    # the aggregation ran (once orchestration/aggregate.py exists)
-    if (ROOT / "orchestration" / "aggregate.py").exists():
-        assert "tables:" in out and any((tmp_path / "results").iterdir())
+    # the aggregation ran
+    assert "tables: results/" in out and (tmp_path / "results" / "table1.md").is_file()
 
 
 # ------------------------------------------------------- kill, then --resume
@@ -264,59 +180,50 @@ def test_resume_after_driver_killed(tmp_path, ray_address):
 
 
 # --------------------------------------------------- a real MLflow server
-def test_sweep_with_mlflow_server_and_local_ray(tmp_path):
-    port = free_port()
-    srv_env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-                              cwd=tmp_path, env=srv_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-        work = tmp_path / "cwd"
-        work.mkdir()
-        space = write_space(tmp_path / "space.yaml", num_samples=2, epochs=2, train_images=200)
-        # no --address: Ray starts in-process
-        r = run_cli(["--dataset", "digits", "--space", str(space), "--name", "srv", "--mlflow-uri", uri],
-                    cwd=work)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-        assert "Started a local Ray instance" in r.stderr
-        assert not (work / "mlflow.db").exists()
-        runs = mlflow_runs(uri, "srv")
-        assert len(runs["sweep"]) == 1 and runs["sweep"][0].info.status == "FINISHED"
-        assert len(runs["trial"]) == 2
-        for c in runs["trial"]:
-            assert c.info.status == "FINISHED"
-            assert [s for s, _ in history(uri, c.info.run_id)] == [1, 2]
-        assert f"MLflow store: {uri}" in r.stdout
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+def test_sweep_with_mlflow_server_and_local_ray(tmp_path, mlflow_server):
+    uri = mlflow_server.url
+    work = tmp_path / "cwd"
+    work.mkdir()
+    space = write_space(tmp_path / "space.yaml", num_samples=2, epochs=2, schemes="[LL-R, LL-Cp]", train_images=200)
+    # no --address: Ray starts in-process; --verbose: Ray's own lines and progress table
+    r = run_cli(["--dataset", "digits", "--space", str(space), "--name", "srv", "--mlflow-uri", uri, "--verbose"],
+                cwd=work)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "Started a local Ray instance" in r.stderr
+    assert "== Status ==" in r.stdout and not re.search(r"^\[\d+:\d\d\] (start|end) ", r.stdout, re.M)
+    assert not (work / "mlflow.db").exists()
+    runs = mlflow_runs(uri, "srv")
+    assert len(runs["sweep"]) == 1 and runs["sweep"][0].info.status == "FINISHED"
+    assert len(runs["trial"]) == 2
+    for c in runs["trial"]:
+        assert c.info.status == "FINISHED"
+        assert [s for s, _ in history(uri, c.info.run_id)] == [1, 2]
+    assert f"MLflow store: {uri}" in r.stdout
+    # the sweep's tables, attached to its run through the server (no final stage here: no Table 1)
+    from mlflow import MlflowClient
+
+    attached = {f.path for f in MlflowClient(uri).list_artifacts(runs["sweep"][0].info.run_id)}
+    assert {"sweeps.md", "sweeps.csv"} <= attached and "table1.md" not in attached
 
 
 # --------------------------------------------------------------- bad input
 def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
-    good = write_space(tmp_path / "good.yaml", num_samples=2, epochs=2)
+    good = write_space(tmp_path / "good.yaml", num_samples=2, epochs=2, schemes="[LL-R, LL-Cp]")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("dataset: digits\nsearch: {scheme: [LL-R\n")
     lr_neg = tmp_path / "neg.yaml"
     lr_neg.write_text(good.read_text().replace("low: 2.0e-4", "low: -2.0e-4"))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    workers = tmp_path / "workers.yaml"
+    workers.write_text(good.read_text().replace("num_workers: 0", "num_workers: -3"))
+    bomb = tmp_path / "bomb.yaml"           # "billion laughs": 9 levels of aliases expand to ~10^9 items
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "dataset: digits\n")
+    other = tmp_path / "other"
+    for name, text in (("cut", '{"dataset": "digits", "na'), ("list", "[1, 2]")):
+        (other / name).mkdir(parents=True)
+        (other / name / "wsml_sweep.json").write_text(text)
     dead = free_port()
     return [
         (["--dataset", "mnist"], "unknown data set 'mnist'"),
@@ -324,6 +231,7 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--dataset", "digits", "--space", str(lr_neg)], "search.lr.low=-0.0002"),
         (["--dataset", "digits", "--space", str(good), "--epochs", "1"], "scheduler.grace_period=2"),
         (["--dataset", "digits", "--space", str(good), "--gpus-per-trial", "-1"], "resources.gpus_per_trial"),
+        (["--dataset", "digits", "--space", str(good), "--max-concurrent", "0"], "max_concurrent=0"),
         (["--dataset", "digits", "--space", str(good), "--schemes", "LL-R,LL-Q"], "unknown scheme 'LL-Q'"),
         (["--dataset", "digits", "--num-samples", "many"], "invalid int value"),
         (["--dataset", "digits", "--space", str(good), "--address", f"127.0.0.1:{dead}"], "unreachable"),
@@ -331,7 +239,16 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--dataset", "digits", "--space", str(good), "--mlflow-uri", f"http://127.0.0.1:{dead}"], "unreachable"),
         (["--dataset", "digits", "--space", str(good), "--mlflow-uri", f"sqlite:///{a_file}/x.db"],
          "not writable"),
-        (["--dataset", "digits", "--space", str(good), "--storage", str(a_file / "sub")], "not a writable folder"),
+        (["--dataset", "digits", "--space", str(good), "--storage", str(a_file / "sub")], "--storage"),
+        (["--dataset", "digits", "--space", str(good), "--storage", "/proc/wsml-sweeps"], "no file can be written"),
+        (["--dataset", "digits", "--space", str(good), "--mlflow-uri", "sqlite:////proc/wsml.db"], "not writable"),
+        (["--dataset", "digits", "--space", str(good), "--search-seed", str(2**32)], "search_seed=4294967296"),
+        (["--dataset", "digits", "--space", str(good), "--name", "x" * 101], "at most 100"),
+        (["--dataset", "digits", "--space", str(good), "--results-dir", str(a_file)], "--results-dir"),
+        (["--dataset", "digits", "--space", str(workers)], "train: invalid num_workers=-3"),
+        (["--dataset", "digits", "--space", str(bomb)], "aliases are not allowed"),
+        (["--dataset", "digits", "--resume", "--name", "cut", "--storage", str(other)], "not valid JSON"),
+        (["--dataset", "digits", "--resume", "--name", "list", "--storage", str(other)], "not a sweep record"),
         (["--dataset", "digits", "--resume"], "nothing to resume"),
         (["--dataset", "digits", "--resume", "--name", "nope"], "nothing to resume"),
         (["--dataset", "pascal", "--data-root", str(tmp_path / "no-data")], "not found"),
@@ -373,7 +290,7 @@ class _FakeTrial:
         self.trial_id, self.experiment_tag = tid, f"{index}_x"
         self.config = {"dataset": "digits", "epochs": 4, "seed": 0, "train": {"num_workers": 0}, **config}
         self.last_result: dict = {}
-        self.status, self.num_failures = "RUNNING", 0
+        self.num_failures = 0
 
     def get_error(self):
         return "Traceback ...\nwsml.errors.DataError: broken image 7"
@@ -387,43 +304,38 @@ def _result(epoch: int, **extra) -> dict:
 
 
 def test_mlflow_callback_exactly_once_and_end_states(tmp_path):
-    import pickle as _pickle
-
     from mlflow import MlflowClient
 
-    from orchestration import mlflow_log as M
-    from orchestration import tracking as T
+    from orchestration import common as T
+    from orchestration import store
+    from orchestration.common import TrackingError
+    from orchestration.mlflow_callback import MLflowTrialLogger
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     c = MlflowClient(uri)
-    exp, parent = M.start_parent(c, "cb", "digits", {"command": "x"}, resume=False)
-    with pytest.raises(M.TrackingError, match="--resume"):
-        M.start_parent(c, "cb", "digits", {"command": "x"}, resume=False)
-    cb = M.MLflowTrialLogger(uri, exp, parent, "cb", "digits", T.ROLE_TRIAL, epochs=4)
+    exp, parent = store.start_parent(c, "cb", "digits", {"command": "x"}, resume=False)
+    with pytest.raises(TrackingError, match="already holds this sweep's run: pass --resume"):
+        store.start_parent(c, "cb", "digits", {"command": "x"}, resume=False)
+    cb = MLflowTrialLogger(uri, exp, parent, "cb", "digits", T.ROLE_TRIAL, epochs=4)
     done, asha, drop, fail, diverged, cut = (
         _FakeTrial(f"t{i}", i, scheme=s, mode="end-to-end", lr=1e-3, delta_rel=2.0)
         for i, s in enumerate(["LL-R", "LL-Ct", "LL-Cp", "LL-R", "LL-R", "AN"], start=1))
     trials = [done, asha, drop, fail, diverged, cut]
-    cb.on_step_begin(0, trials)
     for t in trials:
-        cb.on_trial_start(0, trials, t)
+        cb.log_trial_start(t)
     for t, epochs in ((done, 4), (asha, 2), (drop, 3), (fail, 1), (diverged, 2), (cut, 2)):
         for e in range(1, epochs + 1):
             t.last_result = _result(e, trainer_stop=float(t is drop and e == 3))
-            cb.on_trial_result(0, trials, t, t.last_result)
-    cb.on_trial_result(0, trials, done, _result(4))                  # a repeated epoch is logged once
+            cb.log_trial_result(0, t, t.last_result)
+    cb.log_trial_result(0, done, _result(4))                          # a repeated epoch is logged once
     diverged.last_result = {**_result(2), "wsml_error": "TrainingDiverged: loss became nan"}
     for t in (done, asha, drop, diverged):
-        t.status = "TERMINATED"
-        cb.on_trial_complete(0, trials, t)
-    fail.status = "ERROR"
-    cb.on_trial_error(0, trials, fail)
-    cut.status = "TERMINATED"                                       # Ctrl-C: Tune stops it, no completion
-    cb.on_experiment_end(trials)
-    assert M.EXPERIMENT_INTERRUPTED[("cb", T.ROLE_TRIAL)] is True
+        cb.log_trial_end(t, failed=False)
+    cb.log_trial_end(fail, failed=True)
+    assert cb.finish(wait_s=1) == 0                                  # `cut` was never ended: interrupted
 
     def run_of(t):
-        [r] = M.find_runs(c, exp, **{T.TAG_TRIAL_ID: t.trial_id})
+        [r] = store.find_runs(c, exp, **{T.TAG_TRIAL_ID: t.trial_id})
         return r
 
     expect = {done: ("FINISHED", "completed"), asha: ("FINISHED", "asha_stopped"),
@@ -439,25 +351,58 @@ def test_mlflow_callback_exactly_once_and_end_states(tmp_path):
     assert r.data.metrics[T.TRAIN_HOURS] == pytest.approx(4 * 36 / 3600)
     assert r.info.run_name == "LL-R d=2 lr=0.001 #t1"
     assert run_of(cut).info.run_name == "AN lr=0.001 #t6" and "delta_rel" not in run_of(cut).data.params
+    assert run_of(cut).data.metrics[T.EPOCHS_RUN] == 2              # its last result's metrics are kept
 
     # a new driver (--resume) unpickles the callback: it finds the runs again, reopens the
     # interrupted one and logs only the epochs it has not seen
-    cb2 = _pickle.loads(_pickle.dumps(cb))
+    cb2 = pickle.loads(pickle.dumps(cb))
     assert cb2._runs == {} and cb2._client is None
-    cut.status = "RUNNING"
-    cb2.on_step_begin(0, trials)
-    cb2.on_trial_start(0, trials, cut)
+    cb2.log_trial_start(cut)
     assert run_of(cut).info.status == "RUNNING"
     for e in (2, 3, 4):                                              # restored from epoch 1's checkpoint
         cut.last_result = _result(e, restored_from_epoch=1)
-        cb2.on_trial_result(0, trials, cut, cut.last_result)
-    cut.status = "TERMINATED"
-    cb2.on_trial_complete(0, trials, cut)
-    cb2.on_experiment_end(trials)
-    assert M.EXPERIMENT_INTERRUPTED[("cb", T.ROLE_TRIAL)] is False
+        cb2.log_trial_result(0, cut, cut.last_result)
+    cb2.log_trial_end(cut)
+    assert cb2.finish(wait_s=1) == 0
     r = run_of(cut)
     assert (r.info.status, r.data.tags[T.TAG_STATUS_REASON]) == ("FINISHED", "completed")
     assert [s for s, _ in history(uri, r.info.run_id)] == [1, 2, 3, 4]
     assert r.data.tags["wsml.restored_from_epoch"] == "1"
     assert run_of(done).info.status == "FINISHED"                  # untouched by the second driver
-    assert len(M.find_runs(c, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})) == 6
+    assert len(store.find_runs(c, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})) == 6
+
+
+def test_storage_and_cache_dir_default_to_the_cluster_files_paths(tmp_path, monkeypatch):
+    """--storage defaults to $WSML_STORAGE; --cache-dir to the shared cache for a compact image cache (built
+    once, read by every node) and to the node's own disk for a raw one (read again every epoch)."""
+    import numpy as np
+
+    from orchestration import preflight, sweep
+
+    shared, local = tmp_path / "shared" / "cache", tmp_path / "nvme"
+    for k in ("WSML_STORAGE", "WSML_CACHE", "WSML_SHARED_CACHE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert sweep.parse_args(["--dataset", "digits"]).storage == "ray_results"
+    assert preflight.resolve_cache_dir(None, "digits", None, {}) == str(tmp_path / ".cache")
+    monkeypatch.setenv("WSML_STORAGE", str(tmp_path / "shared" / "ray_results"))
+    monkeypatch.setenv("WSML_SHARED_CACHE", str(shared))
+    monkeypatch.setenv("WSML_CACHE", str(local))
+    assert sweep.parse_args(["--dataset", "digits"]).storage == str(tmp_path / "shared" / "ray_results")
+    assert sweep.parse_args(["--dataset", "digits", "--storage", "x"]).storage == "x"
+
+    def data(n_images: int):
+        root = tmp_path / f"data{n_images}"
+        root.mkdir()
+        for split, n in (("train", n_images), ("val", 2)):
+            np.save(root / f"formatted_{split}_images.npy", np.array([f"img/{i}.jpg" for i in range(n)]))
+            np.save(root / f"formatted_{split}_labels.npy", np.eye(3, dtype=np.int8)[np.arange(n) % 3])
+        return str(root)
+
+    resolve = preflight.resolve_cache_dir
+    assert resolve(None, "digits", None, {}) == str(local)                         # in memory; features: local
+    assert resolve(None, "pascal", data(100), {}) == str(local)                    # auto: 100 images stay raw
+    assert resolve(None, "coco", data(30_000), {}) == str(shared)                  # auto: 18 GB of pixels: compact
+    assert resolve(None, "pascal", data(101), {"image_cache": "compact"}) == str(shared)
+    assert resolve(None, "coco", str(tmp_path / "elsewhere"), {}) == str(shared)   # not visible here: shared
+    assert resolve("mine", "coco", None, {}) == str(tmp_path / "mine")

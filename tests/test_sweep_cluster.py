@@ -1,44 +1,79 @@
-"""A sweep on a multi-node Ray cluster (several raylets on this machine, each advertising a GPU).
+"""A sweep on a multi-node Ray cluster (several raylets on this machine, each advertising a GPU) that loses a node.
 
-Trials ask for half a GPU, so two share a node; they find no CUDA device and
-train on the CPU. A worker node is removed while its trials run: they are
-retried from their last checkpoint on the remaining nodes and every trial
-finishes, each epoch logged once.
+Trials ask for half a GPU, so two share a node; the GPUs are declared only
+(WSML_FAKE_GPUS=1 in the nodes' environment lets such trials train on the
+CPU). A worker node is removed while two trials run on it:
+
+* lost (a crash, a terminated on-demand instance): Tune counts a failure for
+  each of its trials and retries them from their last checkpoint on the other
+  nodes (max_failures 3);
+* preempted (a spot instance): EC2's interruption notice, served by a fake
+  instance-metadata service, makes orchestration/spot_watch.py drain the node
+  as preempted before it goes; its trials continue from their checkpoints
+  elsewhere although max_failures is 0, since Tune does not count preemptions.
+
+Either way every trial finishes and each has one MLflow run with each epoch
+logged once.
 """
 from __future__ import annotations
 
-import glob
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.test_sweep import SWEEP, clean_env, history, mlflow_runs, ray_trials, write_space
+from tests.helpers import SWEEP, clean_env, history, mlflow_runs, ray_trials, rows_by_trial, write_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def _rows(exp_dir: Path) -> dict[str, list[dict]]:
-    out = {}
-    for f in glob.glob(str(exp_dir / "*/result.json")):
-        rows = []
-        for ln in Path(f).read_text().splitlines():
-            try:
-                rows.append(json.loads(ln))
-            except ValueError:       # a line being written
-                pass
-        if rows:
-            out[rows[0]["trial_id"]] = rows
-    return out
+class FakeMetadata(http.server.ThreadingHTTPServer):
+    """EC2's instance metadata (IMDSv2) of a spot instance; `notice` is the interruption, once announced."""
+
+    def __init__(self):
+        self.notice: dict | None = None
+        self.token = "test-token"
+        super().__init__(("127.0.0.1", 0), _MetadataHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
 
 
-def test_multi_node_fractional_gpus_and_node_loss(tmp_path):
+class _MetadataHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: str = "") -> None:
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def do_PUT(self):
+        ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+        self._send(200, self.server.token) if ok else self._send(400)
+
+    def do_GET(self):
+        if self.headers.get("X-aws-ec2-metadata-token") != self.server.token:
+            return self._send(401)
+        if self.path == "/latest/meta-data/instance-life-cycle":
+            return self._send(200, "spot")
+        if self.path == "/latest/meta-data/spot/instance-action" and self.server.notice:
+            return self._send(200, json.dumps(self.server.notice))
+        self._send(404)
+
+
+def _sweep_that_loses_a_node(tmp_path, monkeypatch, *, max_failures: int, take_node):
+    """Run a 6-trial sweep on 3 workers, call take_node(cluster, node) on a node running two trials mid-way;
+    returns (Ray's trials, the node's id, its two trials, the MLflow store)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import torch
+    monkeypatch.setenv("WSML_FAKE_GPUS", "1")           # the raylets started here pass it to their workers
     from ray.cluster_utils import Cluster
 
     # A head without CPUs (the driver only) and three 1-CPU / 1-GPU workers;
@@ -48,15 +83,14 @@ def test_multi_node_fractional_gpus_and_node_loss(tmp_path):
         workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
         worker_ids = {n.node_id: n for n in workers}
         # grace = epochs: ASHA stops nothing, so every trial must reach the last epoch
-        space = write_space(tmp_path / "space.yaml", num_samples=6, epochs=5, grace=5, max_failures=3,
+        space = write_space(tmp_path / "space.yaml", num_samples=6, epochs=5, grace=5, max_failures=max_failures,
                             train_images=300)
         args = ["--dataset", "digits", "--space", str(space), "--name", "cl", "--address", cluster.address,
                 "--cpus-per-trial", "0.5", "--gpus-per-trial", "0.5"]
         log_path = tmp_path / "driver.log"
         log = open(log_path, "w")
-        # let Tune place all six trials at once (its default with a searcher: one pending at a time)
-        proc = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=tmp_path,
-                                env=clean_env(TUNE_MAX_PENDING_TRIALS_PG="6"),
+        # no TUNE_MAX_PENDING_TRIALS_PG: the sweep's max_concurrent (num_samples) lets Tune place all six at once
+        proc = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=tmp_path, env=clean_env(),
                                 stdout=log, stderr=subprocess.STDOUT)
         exp_dir = tmp_path / "ray_results" / "cl"
         victim, victim_trials = None, []
@@ -65,7 +99,7 @@ def test_multi_node_fractional_gpus_and_node_loss(tmp_path):
             while victim is None and time.time() < deadline:
                 assert proc.poll() is None, log_path.read_text()[-4000:]
                 by_node: dict[str, list[str]] = {}
-                for tid, rows in _rows(exp_dir).items():
+                for tid, rows in rows_by_trial(exp_dir).items():
                     last = rows[-1]
                     if 1 <= last["epoch"] <= 3:                  # mid-run, with a checkpoint
                         by_node.setdefault(last["node_id"], []).append(tid)
@@ -75,7 +109,7 @@ def test_multi_node_fractional_gpus_and_node_loss(tmp_path):
                         break
                 time.sleep(0.3)
             assert victim is not None, "no node ran two trials at once: " + log_path.read_text()[-3000:]
-            cluster.remove_node(worker_ids[victim])
+            take_node(cluster, worker_ids[victim])
             proc.wait(timeout=600)
         finally:
             if proc.poll() is None:
@@ -94,8 +128,7 @@ def test_multi_node_fractional_gpus_and_node_loss(tmp_path):
     for tid, t in trials.items():
         rows = t["results"]
         assert rows[-1]["epoch"] == 5                              # every trial finished
-        if not torch.cuda.is_available():
-            assert all(r["device"] == "cpu" for r in rows)         # a GPU trial without CUDA runs on the CPU
+        assert all(r["device"] == "cpu" for r in rows)             # declared GPUs: the CPU (WSML_FAKE_GPUS)
     for tid in victim_trials:
         rows = trials[tid]["results"]
         moved = [r for r in rows if r["node_id"] != victim]
@@ -106,9 +139,8 @@ def test_multi_node_fractional_gpus_and_node_loss(tmp_path):
         assert [r["epoch"] for r in rows if r["node_id"] == victim][-1] >= resumed_from
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    runs = mlflow_runs(uri, "cl")
-    children = runs["trial"]
-    assert sorted(c.data.tags["wsml.trial_id"] for c in children) == sorted(trials)
+    children = mlflow_runs(uri, "cl")["trial"]
+    assert sorted(c.data.tags["wsml.trial_id"] for c in children) == sorted(trials)   # one run per trial
     for c in children:
         assert c.info.status == "FINISHED" and c.data.tags["wsml.end_reason"] == "completed"
         assert [s for s, _ in history(uri, c.info.run_id)] == [1, 2, 3, 4, 5]   # each epoch once
@@ -116,3 +148,66 @@ def test_multi_node_fractional_gpus_and_node_loss(tmp_path):
             assert int(c.data.tags["wsml.restored_from_epoch"]) >= 1
             assert victim in c.data.tags["wsml.nodes"].split(",")
             assert len(c.data.tags["wsml.nodes"].split(",")) == 2
+    return trials, victim, victim_trials, children
+
+
+def test_lost_node_trials_retry_from_checkpoints_as_failures(tmp_path, monkeypatch):
+    trials, victim, victim_trials, runs = _sweep_that_loses_a_node(
+        tmp_path, monkeypatch, max_failures=3, take_node=lambda cluster, node: cluster.remove_node(node))
+    # Tune counted the lost node as one failure of each of its trials (the MLflow run says so), none elsewhere
+    failures = {c.data.tags["wsml.trial_id"]: c.data.tags.get("wsml.failures") for c in runs}
+    assert {t: failures[t] for t in victim_trials} == {t: "1" for t in victim_trials}, failures
+    assert all(failures[t] is None for t in trials if t not in victim_trials), failures
+    for tid in victim_trials:
+        assert "Failure # 1" in (trials[tid]["dir"] / "error.txt").read_text()
+
+
+def test_preempted_spot_node_trials_continue_without_counting_failures(tmp_path, monkeypatch):
+    metadata = FakeMetadata()
+    watcher_out = {}
+
+    def preempt(cluster, node):
+        # EC2 announces the interruption; the watcher on that node drains it as preempted; then it goes
+        metadata.notice = {"action": "terminate",
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))}
+        watcher = subprocess.run(
+            [sys.executable, "-m", "orchestration.spot_watch", "--address", cluster.address,
+             "--node-id", node.node_id, "--interval", "0.2"],
+            env=clean_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=metadata.url), capture_output=True, text=True,
+            timeout=120)
+        watcher_out.update(rc=watcher.returncode, out=watcher.stdout + watcher.stderr)
+        assert watcher.returncode == 0, watcher_out["out"]
+        cluster.remove_node(node, allow_graceful=False)      # the instance is gone: no goodbye from its raylet
+
+    try:
+        trials, victim, victim_trials, runs = _sweep_that_loses_a_node(
+            tmp_path, monkeypatch, max_failures=0, take_node=preempt)
+    finally:
+        metadata.shutdown()
+    assert "drained" in watcher_out["out"] and "DRAIN_NODE_REASON_PREEMPTION" in watcher_out["out"]
+    # max_failures 0, yet the preempted trials were retried: Tune did not count the preemption
+    assert all("wsml.failures" not in c.data.tags for c in runs), {c.data.tags["wsml.trial_id"]: c.data.tags.get(
+        "wsml.failures") for c in runs}
+    for tid in victim_trials:    # Tune noted the error, its failure count stayed 0
+        assert "Failure # 0" in (trials[tid]["dir"] / "error.txt").read_text()
+
+
+def test_spot_watch_leaves_on_demand_instances_and_other_machines_alone(tmp_path):
+    from orchestration import spot_watch
+
+    lines = []
+    assert spot_watch.watch(spot_watch.Metadata("http://127.0.0.1:9", timeout=0.5), "127.0.0.1:1", None, 0.1,
+                            log=lines.append) == 0
+    assert "no EC2 instance metadata" in lines[-1]
+
+    class OnDemand(spot_watch.Metadata):
+        def get(self, path):
+            return "on-demand" if path == "instance-life-cycle" else None
+
+    assert spot_watch.watch(OnDemand(), "127.0.0.1:1", None, 0.1, log=lines.append) == 0
+    assert "not spot" in lines[-1]
+    import datetime as dt
+
+    now = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+    assert spot_watch.seconds_left({"time": "2030-01-01T12:02:00Z"}, now) == 120
+    assert spot_watch.seconds_left({"time": "2030-01-01T11:59:00Z"}, now) == 0

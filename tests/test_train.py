@@ -11,7 +11,7 @@ import torch
 from wsml.checkpoint import load_checkpoint, save_checkpoint
 from wsml.config import TrainConfig
 from wsml.errors import CheckpointError, ConfigError, TrainingDiverged
-from wsml.train import run
+from wsml.train import Trainer, run
 
 SMALL = dict(dataset="digits", max_train_images=256, epochs=3, num_workers=0, device="cpu")
 
@@ -44,8 +44,6 @@ def test_resume_continues_exactly_with_llcp_corrections(tmp_path):
     cfg = TrainConfig(scheme="LL-Cp", delta_rel=5.0, **SMALL)
     full = run(cfg, log=None)
 
-    saved = {}
-
     def stop_after_two(report, get_state):
         if report.epoch == 2:
             save_checkpoint(tmp_path / "ckpt.pt", get_state())
@@ -74,10 +72,48 @@ def test_modified_entries_and_true_positive_fraction_reported():
     assert 0 < second["modified_true_pos_frac"] <= 1
 
 
+def _chance_map(cfg: TrainConfig) -> float:
+    """The mAP of scores that ignore the image: each class's AP is then its positive rate."""
+    from wsml.data.loading import load_data
+
+    return 100 * float((load_data(cfg.resolve()).test.labels == 1).mean(0).mean())
+
+
 @pytest.mark.parametrize("scheme", ["full", "AN", "WAN", "LSAN", "EPR", "ROLE", "LL-Ct"])
 def test_every_scheme_trains(scheme):
-    result = run(TrainConfig(scheme=scheme, **{**SMALL, "epochs": 1}), log=None)
-    assert 0 < result.test_map <= 100 and result.best_epoch == 1
+    cfg = TrainConfig(scheme=scheme, **{**SMALL, "epochs": 1})
+    result = run(cfg, log=None)
+    assert result.best_epoch == 1 and result.test_map == result.history[0]["test_map_at_best"]
+    assert result.test_map > _chance_map(cfg) + 2          # one epoch on 256 mosaics learns something
+
+
+def test_reported_test_map_is_the_map_of_the_best_epochs_model():
+    """test_map is scikit-learn's per-class AP, averaged, of the best validation epoch's model on the
+    test set, recomputed here from that epoch's saved state."""
+    from sklearn.metrics import average_precision_score
+
+    from wsml.data.loading import load_data
+    from wsml.model import IMAGENET_MEAN, IMAGENET_STD, build_model
+
+    cfg = TrainConfig(scheme="LL-R", stop_drop=None, **SMALL).resolve()
+    weights = {}     # the state's tensors are the live parameters: copy them at each epoch
+
+    def keep(report, get_state):
+        weights[report.epoch] = {k: v.clone() for k, v in get_state()["model"].items()}
+
+    result = run(cfg, on_epoch=keep, log=None)
+    data = load_data(cfg)
+    model = build_model(cfg.arch, data.num_classes, cfg.weights)
+    model.load_state_dict(weights[result.best_epoch])
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(data.test.images)).permute(0, 3, 1, 2).float()
+    x = (x - 255 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+    with torch.no_grad():
+        scores = torch.sigmoid(model(x)).numpy()
+    labels = data.test.labels == 1
+    expected = 100 * np.mean([average_precision_score(labels[:, c], scores[:, c]) for c in range(labels.shape[1])])
+    assert result.test_map == pytest.approx(expected, abs=1e-4)
+    assert result.test_map > _chance_map(cfg) + 5
 
 
 def test_linear_init_trains_head_then_end_to_end(tmp_path):
@@ -88,6 +124,80 @@ def test_linear_init_trains_head_then_end_to_end(tmp_path):
     assert sum(line.startswith("linear-init epoch") for line in lines) == 2
     assert len(result.history) == 3
     assert any((tmp_path / "features").iterdir())   # features extracted once, into the shared cache
+
+
+def _role_trainer(tmp_path, **kw):
+    from wsml.data.loading import load_data
+    settings = {**SMALL, "scheme": "ROLE", "mode": "linear-init", "linear_init_epochs": 2,
+                "cache_dir": str(tmp_path), **kw}
+    cfg = TrainConfig(**settings).resolve()
+    return Trainer(cfg, load_data(cfg), torch.device("cpu"), log=lambda _m: None)
+
+
+def test_role_estimator_learns_in_the_linear_phase_and_fine_tuning_starts_from_it(tmp_path):
+    trainer = _role_trainer(tmp_path)
+    cfg = trainer.cfg
+    initial = trainer.estimator.detach().clone()
+    # one Adam over the head and the estimator, the estimator at 10x the linear phase's lr
+    linear = trainer._linear_optimizer()
+    assert [g["lr"] for g in linear.param_groups] == [cfg.linear_init_lr, 10 * cfg.linear_init_lr]
+    assert linear.param_groups[1]["params"] == [trainer.estimator]
+    trainer.linear_init()
+    after_linear = trainer.estimator.detach().clone()
+    changed = (after_linear != initial)
+    assert changed.float().mean() > 0.5        # the estimates moved in the linear phase
+    # fine-tuning optimises this very estimator (not a fresh one), at 10x the fine-tuning lr
+    estimator_group = trainer.optimizer.param_groups[2]
+    assert estimator_group["params"] == [trainer.estimator] and estimator_group["lr"] == 10 * cfg.lr
+    assert torch.equal(trainer.get_state()["estimator"], after_linear)
+    trainer.train_epoch(1)
+    assert not torch.equal(trainer.estimator.detach(), after_linear)    # and it keeps learning in fine-tuning
+
+
+def test_role_linear_init_resume_matches_an_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(scheme="ROLE", mode="linear-init", linear_init_epochs=2, cache_dir=str(tmp_path),
+                      stop_drop=None, **SMALL)
+
+    def saver(folder):
+        def on_epoch(report, get_state):
+            save_checkpoint(tmp_path / folder / f"epoch{report.epoch}.pt", get_state())
+        return on_epoch
+
+    full = run(cfg, saver("full"), log=None)
+    after_two = load_checkpoint(tmp_path / "full" / "epoch2.pt")
+    init = _role_trainer(tmp_path).estimator.detach()
+    assert after_two["estimator"].shape == init.shape and not torch.equal(after_two["estimator"], init)
+    resumed = run(cfg, saver("resumed"), resume_state=after_two, log=None)
+    assert [h["val_map"] for h in resumed.history] == [h["val_map"] for h in full.history]
+    assert resumed.test_map == full.test_map
+    final, final_resumed = (load_checkpoint(tmp_path / d / "epoch3.pt") for d in ("full", "resumed"))
+    assert torch.equal(final_resumed["estimator"], final["estimator"])
+    for name, value in final["model"].items():
+        assert torch.equal(final_resumed["model"][name], value), name
+
+
+def test_linear_phase_defaults_follow_the_single_positive_work():
+    # its train.py, lookup['linear_init_params'] and 25 epochs; the other schemes take the closest loss
+    role = TrainConfig(dataset="pascal", scheme="ROLE").resolve()
+    assert (role.linear_init_epochs, role.linear_init_lr, role.linear_init_batch_size) == (25, 1e-3, 16)
+    lsan = TrainConfig(dataset="nuswide", scheme="LSAN").resolve()
+    assert (lsan.linear_init_epochs, lsan.linear_init_lr, lsan.linear_init_batch_size) == (25, 1e-4, 16)
+    assert TrainConfig(dataset="cub", scheme="ROLE").resolve().linear_init_batch_size == 8
+    assert TrainConfig(dataset="coco", scheme="EPR").resolve().linear_init_lr == 1e-3
+    assert TrainConfig(dataset="coco", scheme="LL-Ct").resolve().linear_init_lr == 1e-4
+    assert TrainConfig(dataset="coco", scheme="ROLE", linear_init_lr=3e-4).resolve().linear_init_lr == 3e-4
+
+
+def test_sgd_is_built_as_the_papers_code_builds_it(tmp_path):
+    trainer = _role_trainer(tmp_path, optimizer="sgd", lr=0.01, mode="end-to-end")
+    opt = trainer.optimizer
+    assert isinstance(opt, torch.optim.SGD)
+    backbone, head, estimator = opt.param_groups
+    assert (backbone["lr"], head["lr"], estimator["lr"]) == (0.01, 0.1, 0.1)
+    assert backbone["momentum"] == head["momentum"] == 0.9
+    assert backbone["weight_decay"] == head["weight_decay"] == 1e-3 and estimator["weight_decay"] == 0
+    with pytest.raises(ConfigError, match="optimizer='rmsprop'"):
+        TrainConfig(optimizer="rmsprop").resolve()
 
 
 def test_divergence_is_reported():
@@ -112,9 +222,11 @@ def test_truncated_checkpoint_detected(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(path)
-    (tmp_path / "c.pt.sha256").unlink()      # even without the checksum file, a torn zip is caught
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    (tmp_path / "c.pt.sha256").unlink()      # without the checksum file: refused unless accepted
+    with pytest.raises(CheckpointError, match="has no c.pt.sha256 beside it"):
         load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="cannot be read"):   # accepted, a torn zip is still caught
+        load_checkpoint(path, accept_unverified=True)
 
 
 def _cli(*args, cwd=None):
@@ -142,6 +254,26 @@ def test_cli_writes_metrics_and_resumes(tmp_path):
     assert other.returncode == 2 and "scheme='LL-Ct'" in other.stderr and len(other.stderr.strip().splitlines()) == 1
 
 
+def test_cli_sgd_trains_and_refuses_to_resume_with_adam(tmp_path):
+    out = tmp_path / "sgd"
+    args = ["--dataset", "digits", "--scheme", "LL-R", "--lr", "0.01", "--epochs", "2", "--max-train-images", "128",
+            "--device", "cpu", "--out", str(out)]
+    first = _cli(*args, "--optimizer", "sgd")
+    assert first.returncode == 0, first.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["optimizer"] == "sgd" and len(metrics["history"]) == 2
+    assert 0 < metrics["test_map"] <= 100
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["config"]["optimizer"] == "sgd"
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())   # SGD's state, not Adam's
+    before = (out / "metrics.json").read_bytes(), (out / "checkpoint.pt").read_bytes()
+    other = _cli(*args, "--epochs", "3", "--optimizer", "adam")
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert "optimizer='sgd'" in lines[0] and "optimizer='adam'" in lines[0]
+    assert ((out / "metrics.json").read_bytes(), (out / "checkpoint.pt").read_bytes()) == before
+
+
 def test_cli_bad_input_one_line_no_output(tmp_path):
     out = tmp_path / "run"
     bad = _cli("--dataset", "imagenet", "--out", str(out))
@@ -163,7 +295,8 @@ def test_benchmark_path_prepared_voc_through_image_cache(tmp_path):
                       weights="none", image_size=32, epochs=2, batch_size=4, scheme="LL-R", delta_rel=10.0,
                       device="cpu", num_workers=0, val_frac=0.34)
     result = run(cfg, log=None)
-    assert len(result.history) == 2 and 0 <= result.test_map <= 100
+    assert len(result.history) == 2 and math.isfinite(result.test_map)
+    assert result.test_map == result.history[result.best_epoch - 1]["test_map_at_best"]
     assert list((tmp_path / "cache" / "images").iterdir())   # decoded once, into the shared cache
 
 

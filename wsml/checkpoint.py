@@ -16,18 +16,10 @@ from typing import Any
 
 import torch
 
+from wsml.files import atomic_write
 from wsml.errors import CheckpointError
 
 FORMAT_VERSION = 1
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -36,17 +28,29 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT_VERSION, **state}, buffer)
     data = buffer.getvalue()
-    _write_atomic(path, data)
-    _write_atomic(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+    atomic_write(path, data)
+    atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest())
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, *, accept_unverified: bool = False) -> dict[str, Any]:
+    """The state saved at `path`, verified against `<path>.sha256`.
+
+    A checkpoint without its `.sha256` is refused unless `accept_unverified`:
+    every checkpoint written here has one, so a missing one means the file was
+    copied without it or put there by hand, and damage that still loads (a
+    flipped bit in a tensor) would resume silently.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: start without resuming or pass the right folder")
     data = path.read_bytes()
     digest_file = path.with_name(path.name + ".sha256")
-    if digest_file.is_file() and digest_file.read_text().strip() != hashlib.sha256(data).hexdigest():
+    if not digest_file.is_file():
+        if not accept_unverified:
+            raise CheckpointError(f"checkpoint {path} has no {digest_file.name} beside it, so it cannot be verified: "
+                                  f"restore {digest_file}, delete the checkpoint to start over, or resume from it "
+                                  f"unverified with --accept-unverified-checkpoint")
+    elif digest_file.read_text().strip() != hashlib.sha256(data).hexdigest():
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated (checksum mismatch): "
                               "resume from an earlier checkpoint or delete it to start over")
     try:

@@ -27,7 +27,9 @@ class LargeLossRule:
 
 
 def num_to_modify(batch_size: int, num_classes: int, epoch: int, rule: LargeLossRule) -> int:
-    """k for a batch in `epoch` (1-based): 0 in epoch 1, then as DESIGN section 3."""
+    """k for a batch in `epoch` (1-based), as the paper and its published code compute it: 0 in epoch 1;
+    then ceil(B * C * (1 - clean_rate)), the clean rate dropping by delta_rel / 100 after each epoch
+    (LL-R, LL-Ct) or held at 1 - delta_rel / 100 (LL-Cp: corrected entries stay corrected)."""
     if rule.scheme not in LL_SCHEMES or epoch <= 1:
         return 0
     epochs_of_decay = 1 if rule.scheme == "LL-Cp" else epoch - 1

@@ -34,9 +34,14 @@ def an_targets(observed: torch.Tensor) -> torch.Tensor:
 
 
 def expected_positive_regularizer(probs: torch.Tensor, expected_positives: float) -> torch.Tensor:
-    """(sum of predicted probabilities per image - expected positives)^2 / C^2, batch mean."""
+    """(batch mean of each image's summed probabilities - expected positives)^2 / C^2.
+
+    The batch mean is taken inside the square, as the single-positive work's
+    `expected_positive_regularizer` does (`(preds.sum(1).mean(0) - k) ** 2`,
+    divided by C^2 in its `loss_epr` and `loss_role`).
+    """
     num_classes = probs.shape[1]
-    return ((probs.sum(dim=1) - expected_positives) ** 2).mean() / num_classes ** 2
+    return (probs.sum(dim=1).mean() - expected_positives) ** 2 / num_classes ** 2
 
 
 def _positives_only(logits: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
@@ -50,9 +55,12 @@ def role_loss(logits: torch.Tensor, estimator_logits: torch.Tensor, observed: to
               expected_positives: float) -> torch.Tensor:
     """ROLE: the classifier and a per-image label estimator teach each other.
 
-    Each side fits the observed labels, the other side's (detached)
-    probabilities, and the expected-positive regularizer; the two halves are
-    averaged.
+    As the single-positive work's `loss_role`: each side fits the observed
+    labels and the other side's probabilities, detached (the classifier's
+    cross term trains only the classifier, the estimator's only the
+    estimator), and has its own expected-positive regularizer; the entry
+    terms of both sides are averaged (0.5 each, then the mean over B x C) and
+    so are the two regularizers.
     """
     probs = torch.sigmoid(logits)
     estimates = torch.sigmoid(estimator_logits)

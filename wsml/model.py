@@ -1,14 +1,26 @@
-"""Backbone + global average pooling + linear head.
+"""Backbone + global average pooling + linear head, optionally with BoostLU.
 
 The head is a separate module so it gets its own learning rate (the paper:
 10x the backbone's) and so LinearInit can train it alone on frozen features.
+
+BoostLU (Kim et al., CVPR 2023, "Bridging the Gap between Model Explanations
+in Partially Annotated Multi-label Classification"; github.com/youngwk/
+BridgeGapExplanationPAMC, models.py): the head is applied as a 1x1
+convolution to the backbone's last feature map, giving a class activation map
+(CAM); its positive values are multiplied by `alpha`, and global average
+pooling of that map gives the logits. The 1x1 convolution uses the linear
+head's own weight and bias, so parameter names, shapes and initialisation are
+those of the plain model, and with alpha = 1 the logits are exactly the linear
+head on pooled features (averaging commutes with an affine map).
 """
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wsml.errors import ConfigError
@@ -18,16 +30,38 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int,
+                 feature_map: Callable[[nn.Module, torch.Tensor], torch.Tensor], boostlu_alpha: float | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(feature_dim, num_classes)
+        # a plain function of the backbone (not a module): no parameters of its own, safe to deepcopy
+        self._feature_map = feature_map
+        self.boostlu_alpha = boostlu_alpha
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features (what LinearInit trains the head on)."""
         return self.backbone(images)
 
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map, (N, feature_dim, h, w), before its average pooling."""
+        return self._feature_map(self.backbone, images)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        # fixed per model, not per batch: no data-dependent Python branch in a captured CUDA graph
+        if self.boostlu_alpha is None:
+            return self.head(self.backbone(images))
+        return boostlu_cam(self.feature_map(images), self.head, self.boostlu_alpha).mean(dim=(2, 3))
+
+
+def boostlu_cam(feature_map: torch.Tensor, head: nn.Linear, alpha: float) -> torch.Tensor:
+    """The head as a 1x1 convolution over `feature_map` (a C-channel CAM), positive entries times alpha.
+
+    As in the published code, the boost is part of the model's forward: it applies in training
+    and at evaluation alike. `torch.where` keeps the step free of data-dependent control flow.
+    """
+    cam = F.conv2d(feature_map, head.weight[:, :, None, None], head.bias)
+    return torch.where(cam > 0, cam * alpha, cam)
 
 
 def _block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -43,6 +77,14 @@ def small_cnn() -> tuple[nn.Module, int]:
         c_in = c_out
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), c_in
+
+
+def _small_cnn_feature_map(net: nn.Sequential, images: torch.Tensor) -> torch.Tensor:
+    """The last conv stage's map (after its max pooling): every layer but the final pool and flatten."""
+    x = images
+    for layer in list(net)[:-2]:
+        x = layer(x)
+    return x
 
 
 def resnet50(weights: str) -> tuple[nn.Module, int]:
@@ -71,6 +113,12 @@ def resnet50(weights: str) -> tuple[nn.Module, int]:
     return net, feature_dim
 
 
+def _resnet_feature_map(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """layer4's output: torchvision's ResNet forward up to (not including) its average pooling."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
 def _load_backbone_file(net: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"weights file {path} not found: pass --weights imagenet, none, or an existing file")
@@ -89,16 +137,18 @@ def _load_backbone_file(net: nn.Module, path: Path) -> None:
                           f"{(missing + unexpected)[0]}): pass a ResNet-50 state dict")
 
 
-def build_model(arch: str, num_classes: int, weights: str) -> Classifier:
+def build_model(arch: str, num_classes: int, weights: str, boostlu_alpha: float | None = None) -> Classifier:
     if arch == "smallcnn":
         if weights != "none":
             raise ConfigError(f"arch smallcnn has no pretrained weights (got --weights {weights}): pass --weights none")
         backbone, dim = small_cnn()
+        feature_map = _small_cnn_feature_map
     elif arch == "resnet50":
         backbone, dim = resnet50(weights)
+        feature_map = _resnet_feature_map
     else:
         raise ConfigError(f"unknown arch {arch!r}: choose resnet50 or smallcnn")
-    return Classifier(backbone, dim, num_classes)
+    return Classifier(backbone, dim, num_classes, feature_map, boostlu_alpha)
 
 
 def weights_id(arch: str, weights: str) -> str:

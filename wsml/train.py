@@ -11,6 +11,8 @@ import argparse
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -22,20 +24,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsml.config import EpochReport, RunResult, TrainConfig
-from wsml.data.loading import WSMLData, load_data
+from wsml.config import EpochReport, RunResult, TrainConfig, resume_mismatch
+from wsml.data.loading import WSMLData, fingerprint_changes, load_data
 from wsml.errors import CheckpointError, TrainingDiverged, WSMLError
+from wsml.files import atomic_write
 from wsml.large_loss import LargeLossRule, clean_rate
 from wsml.losses import init_role_estimator, scheme_loss
 from wsml.metrics import mean_average_precision
 from wsml.model import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model, weights_id
+from wsml.progress import Progress
 
 StateFn = Callable[[], dict]
 EpochCallback = Callable[[EpochReport, StateFn], "bool | None"]
 
-# Config fields that may differ between a checkpoint and the run resuming it.
-_RESUME_FREE = {"device", "num_workers", "data_root", "cache_dir", "precision", "channels_last", "epochs",
-                "skip_bad_images"}
+# SGD as the paper's published code builds it (github:snucml/LargeLossMatters, train.py:
+# `torch.optim.SGD(opt_params, lr=P['lr'], momentum=0.9, weight_decay=0.001)`); the authors'
+# best VOC setting uses it (SGD, lr 5e-3; LargeLossMatters issue #4).
+SGD_MOMENTUM = 0.9
+SGD_WEIGHT_DECAY = 1e-3
+# ROLE's label estimator learns at 10x the phase's lr, in the linear phase of LinearInit
+# too (single-positive work, train.py: `P['lr_mult'] = 10.0`, "learning rate multiplier
+# for the parameters of g", one Adam over the classifier f and the estimator g).
+ESTIMATOR_LR_MULT = 10.0
+# Settings added after checkpoints existed, with the value a checkpoint without them was made with.
+ADDED_LATER = {"optimizer": "adam", "boostlu_alpha": None}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,22 +61,30 @@ def resolve_device(name: str) -> torch.device:
 
 
 class _BatchReader(torch.utils.data.Dataset):
-    """Reads whole batches of uint8 images by (sorted) index: one sequential memmap read per batch."""
+    """Reads whole batches of uint8 images by (sorted) index: one sequential memmap read per batch
+    (the compact cache: the batch's JPEGs decoded here, in the DataLoader worker).
 
-    def __init__(self, images, batches: list[np.ndarray]):
-        self.images, self.batches = images, batches
+    `encoded`: hand over the compact cache's JPEG bytes instead, for decoding on the GPU.
+    """
+
+    def __init__(self, images, batches: list[np.ndarray], encoded: bool = False):
+        self.images, self.batches, self.encoded = images, batches, encoded
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int):
         index = self.batches[i]
+        if self.encoded:
+            return torch.from_numpy(index), self.images.encoded(index)
         return torch.from_numpy(index), torch.from_numpy(np.ascontiguousarray(self.images[index]))
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: WSMLData, device: torch.device, log: Callable[[str], None]):
+    def __init__(self, cfg: TrainConfig, data: WSMLData, device: torch.device, log: Callable[[str], None],
+                 safe_point: Callable[[], None] | None = None):
         self.cfg, self.data, self.device, self.log = cfg, data, device, log
+        self.safe_point = safe_point or (lambda: None)
         cuda = device.type == "cuda"
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
         self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
@@ -73,8 +93,14 @@ class Trainer:
         if cuda:
             torch.backends.cudnn.benchmark = True   # fixed input sizes: pick the fastest kernels once
         self.pin = cuda
+        # nvJPEG in this process, only asked for: DataLoader workers decode in parallel with the
+        # GPU step, whereas GPU decoding takes turns with it (README, "Performance")
+        self.gpu_decoder = None
+        if cuda and cfg.image_decode == "gpu":
+            from wsml.data.compact import GpuDecoder
+            self.gpu_decoder = GpuDecoder(device, cfg.image_size)
         torch.manual_seed(cfg.seed)
-        self.model: Classifier = build_model(cfg.arch, data.num_classes, cfg.weights).to(device)
+        self.model: Classifier = build_model(cfg.arch, data.num_classes, cfg.weights, cfg.boostlu_alpha).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # on the 0-255 scale, so normalising is one subtract and one divide in place
@@ -94,25 +120,44 @@ class Trainer:
         self.best = {"val_map": -math.inf, "epoch": 0, "test_map": None}
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
-        head_lr = lr * self.cfg.lr_head_mult
+        """End-to-end: the backbone at `lr`, the head at `lr * lr_head_mult`, ROLE's estimator at 10x `lr`."""
         groups = [{"params": self.model.backbone.parameters(), "lr": lr},
-                  {"params": self.model.head.parameters(), "lr": head_lr}]
+                  {"params": self.model.head.parameters(), "lr": lr * self.cfg.lr_head_mult}]
         if self.estimator is not None:
-            groups.append({"params": [self.estimator], "lr": head_lr})
+            # no weight decay (SGD): it would pull every estimate toward 0.5 whatever the loss says
+            groups.append({"params": [self.estimator], "lr": lr * ESTIMATOR_LR_MULT, "weight_decay": 0.0})
         # fused: one kernel for all parameters instead of several per tensor (the eager step is
-        # launch-bound on fast GPUs); capturable keeps the step counters on the GPU for CUDA graphs
+        # launch-bound on fast GPUs)
         cuda = self.device.type == "cuda"
+        if self.cfg.optimizer == "sgd":
+            # SGD keeps no step counter, only momentum buffers on the parameters' device, so its
+            # step needs no `capturable` to be replayed in a CUDA graph
+            return torch.optim.SGD(groups, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY,
+                                   fused=cuda or None)
+        # capturable keeps Adam's step counters on the GPU for CUDA graphs
         return torch.optim.Adam(groups, fused=cuda or None, capturable=self.use_graph)
+
+    def _linear_optimizer(self) -> torch.optim.Adam:
+        """Linear phase: Adam over the head at `linear_init_lr` and ROLE's estimator, jointly, at 10x it."""
+        groups = [{"params": self.model.head.parameters(), "lr": self.cfg.linear_init_lr}]
+        if self.estimator is not None:
+            groups.append({"params": [self.estimator], "lr": self.cfg.linear_init_lr * ESTIMATOR_LR_MULT})
+        return torch.optim.Adam(groups)
 
     # -- input pipeline -------------------------------------------------
     def _loader(self, images, batches: list[np.ndarray]):
         workers = 0 if isinstance(images, np.ndarray) and not isinstance(images, np.memmap) else self.cfg.num_workers
-        return torch.utils.data.DataLoader(_BatchReader(images, batches), batch_size=None, shuffle=False,
+        encoded = self.gpu_decoder is not None and hasattr(images, "encoded")
+        return torch.utils.data.DataLoader(_BatchReader(images, batches, encoded), batch_size=None, shuffle=False,
                                            num_workers=workers, pin_memory=self.pin)
 
-    def _to_input(self, batch: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 NHWC -> normalised float NCHW on the device; the flip is done here, not per image on a CPU."""
-        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+    def _to_input(self, batch, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 NHWC (or JPEG bytes and lengths, decoded here on the GPU) -> normalised float NCHW on
+        the device; the flip is done here, not per image on a CPU."""
+        if isinstance(batch, (tuple, list)):
+            x = self.gpu_decoder(*batch).float()
+        else:
+            x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         if flip is not None and flip.any():
             flipped = flip.nonzero().squeeze(1)        # a CPU mask: no device sync
             x[flipped] = x[flipped].flip(3)
@@ -120,16 +165,25 @@ class Trainer:
         # NHWC permuted is already channels_last in memory; contiguous() keeps it so for CUDA
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
-    def _predict(self, images, features: bool = False) -> np.ndarray:
+    def _predict(self, images, features: bool = False, progress: str | None = None) -> np.ndarray:
+        """Scores (or with `features` the backbone's features) of `images`; `progress` names the
+        step for a progress bar (a long one: the features of a whole training split)."""
         self.model.eval()
         bs = 2 * self.cfg.batch_size
         batches = [np.arange(i, min(i + bs, len(images))) for i in range(0, len(images), bs)]
         out = []
+        shown = None if progress is None else Progress(
+            len(images), progress, "img", log=None if self.log is print else self.log)
         with torch.no_grad(), self.autocast:
             for _, batch in self._loader(images, batches):
+                self.safe_point()
                 x = self._to_input(batch)
                 y = self.model.features(x) if features else torch.sigmoid(self.model(x))
                 out.append(y.float().cpu())
+                if shown is not None:
+                    shown.update(len(y))
+        if shown is not None:
+            shown.close()
         return torch.cat(out).numpy()
 
     def evaluate(self, split: str) -> float:
@@ -138,7 +192,18 @@ class Trainer:
 
     # -- LinearInit -----------------------------------------------------
     def linear_init(self) -> None:
-        """Train the head alone on features of the frozen backbone, keep the best head by validation mAP."""
+        """Train the head (and ROLE's estimator) on features of the frozen backbone.
+
+        The head and the estimates of the best validation epoch are kept and
+        fine-tuning starts from both, as in the single-positive work (its
+        `train` keeps the best weights of f and g; `linear_init` passes them on).
+
+        With BoostLU this phase trains the plain linear head (alpha = 1) and fine-tuning then uses
+        alpha: the cached pooled features cannot express the boost (it acts on each CAM location
+        before pooling, and the mean of boosted values is not the boost of the mean), and caching
+        whole feature maps instead would take the map's h*w times the memory. The published BoostLU
+        code has no LinearInit phase (it trains end to end only), so there is nothing to follow.
+        """
         from wsml.data.cache import cached_array
 
         cfg = self.cfg
@@ -150,21 +215,22 @@ class Trainer:
                    # a randomly initialised backbone depends on the seed
                    "seed": cfg.seed if cfg.weights == "none" else None}
 
-            def build(out, images=images):
-                out[:] = self._predict(images, features=True)
+            def build(out, images=images, split=split):
+                out[:] = self._predict(images, features=True, progress=f"linear-init: {split} features")
 
             dim = self.model.head.in_features
             feats[split] = torch.from_numpy(np.array(
                 cached_array(Path(cfg.cache_dir) / "features", key, (len(images), dim), np.float32, build)))
         head = self.model.head
-        opt = torch.optim.Adam(head.parameters(), lr=cfg.linear_init_lr)
+        opt = self._linear_optimizer()
         train_x = feats["train"].to(self.device)
         val_x = feats["val"].to(self.device)
-        best = (-math.inf, None)
+        best = (-math.inf, None, None)
         g = torch.Generator().manual_seed(cfg.seed)
         for epoch in range(1, cfg.linear_init_epochs + 1):
             head.train()
             for idx in torch.randperm(len(train_x), generator=g).split(cfg.linear_init_batch_size):
+                self.safe_point()
                 idx = idx.to(self.device)
                 est = self.estimator[idx] if self.estimator is not None else None
                 out = scheme_loss(cfg.scheme, head(train_x[idx]), self.observed[idx], self.complete[idx],
@@ -176,10 +242,14 @@ class Trainer:
                 scores = torch.sigmoid(head(val_x)).cpu().numpy()
             val_map = mean_average_precision(scores, self.data.val.labels, self.data.observed_only_metric).map
             if val_map > best[0]:
-                best = (val_map, {k: v.clone() for k, v in head.state_dict().items()})
+                best = (val_map, {k: v.clone() for k, v in head.state_dict().items()},
+                        None if self.estimator is None else self.estimator.detach().clone())
             self.log(f"linear-init epoch {epoch}/{cfg.linear_init_epochs}  val mAP {val_map:.2f}")
         head.load_state_dict(best[1])
-        self.optimizer = self._optimizer(cfg.lr)   # fresh Adam state for end-to-end training
+        if self.estimator is not None:
+            with torch.no_grad():
+                self.estimator.copy_(best[2])
+        self.optimizer = self._optimizer(cfg.lr)   # fresh optimizer state for end-to-end training
 
     # -- one epoch -------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -195,6 +265,7 @@ class Trainer:
         start = time.perf_counter()
         graph = None
         for b, (index, images) in enumerate(self._loader(self.data.train.images, batches)):
+            self.safe_point()
             flip = None if flips is None else flips[b * cfg.batch_size: b * cfg.batch_size + len(index)]
             x = self._to_input(images, flip)
             index = index.to(self.device, non_blocking=True)
@@ -240,7 +311,7 @@ class Trainer:
         state = {"config": self.cfg.to_dict(), "epoch": self.epoch,
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "observed": self.observed.cpu(), "history": list(self.history), "best": dict(self.best),
-                 "rng_torch": torch.get_rng_state()}
+                 "rng_torch": torch.get_rng_state(), "data": dict(self.data.fingerprint)}
         if self.estimator is not None:
             state["estimator"] = self.estimator.detach().cpu()
         if self.device.type == "cuda":
@@ -248,11 +319,20 @@ class Trainer:
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("config", {})
-        for key, value in self.cfg.to_dict().items():
-            if key not in _RESUME_FREE and key in saved and saved[key] != value:
-                raise CheckpointError(f"the checkpoint was made with {key}={saved[key]!r} but this run has "
-                                      f"{key}={value!r}: resume with the same settings or start in a new folder")
+        # checkpoints from before a setting existed were made with its value then (Adam, no BoostLU)
+        mismatch = resume_mismatch({**ADDED_LATER, **state.get("config", {})}, self.cfg.to_dict())
+        if mismatch:
+            raise CheckpointError(f"the checkpoint was made with {mismatch}: resume with the same settings "
+                                  "or start in a new folder")
+        if "data" not in state:
+            self.log("note: the checkpoint records no fingerprint of its data (written before they were "
+                     "recorded): not checked")
+        changed = fingerprint_changes(state.get("data", {}), self.data.fingerprint)
+        if changed:
+            where = "" if self.cfg.dataset == "digits" else f" (data root {self.cfg.data_root})"
+            raise CheckpointError(f"the training data changed since the checkpoint was made: {', '.join(changed)} "
+                                  f"differ{where}: resume on the data it was made with, or start the run over "
+                                  "without this checkpoint")
         self.model.load_state_dict(state["model"])
         if self.estimator is not None:
             with torch.no_grad():
@@ -304,19 +384,22 @@ class _GraphedStep:
 
 
 def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, resume_state: dict | None = None,
-        log: Callable[[str], None] | None = print) -> RunResult:
+        log: Callable[[str], None] | None = print, safe_point: Callable[[], None] | None = None) -> RunResult:
     """Train and evaluate one configuration.
 
     `on_epoch(report, get_state)` is called after every epoch; `get_state()`
     returns the complete state to checkpoint, and `resume_state` (such a
-    state) continues the run after its epoch. Returning True from `on_epoch`
-    stops training after that epoch.
+    state) continues the run after its epoch; on other data than the state's
+    (its fingerprint) it is refused. Returning True from `on_epoch` stops
+    training after that epoch. `safe_point()` is called before every batch of
+    training and evaluation, where raising abandons the run cleanly (the
+    command line's Ctrl-C and SIGTERM).
     """
     cfg = cfg.resolve()
     log = log or (lambda _msg: None)
     device = resolve_device(cfg.device)
     data = load_data(cfg)
-    trainer = Trainer(cfg, data, device, log)
+    trainer = Trainer(cfg, data, device, log, safe_point)
     if resume_state is not None:
         trainer.load_state(resume_state)
         log(f"resumed after epoch {trainer.epoch}")
@@ -370,15 +453,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--delta-rel", type=float, help="percent of label entries per epoch (paper: 0.1-0.5)")
     p.add_argument("--lr", type=float, help="backbone learning rate; the head gets 10x")
     p.add_argument("--lr-head-mult", type=float, default=10.0)
+    p.add_argument("--optimizer", default="adam",
+                   help="adam or sgd (momentum 0.9, weight decay 1e-3, as the paper's code)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--mode", default="end-to-end", help="end-to-end or linear-init")
     p.add_argument("--linear-init-epochs", type=int)
+    p.add_argument("--linear-init-lr", type=float, help="Adam lr of the linear phase (default: per scheme)")
+    p.add_argument("--linear-init-batch-size", type=int)
     p.add_argument("--weights", help="imagenet, none, or a local ResNet-50 state-dict file")
     p.add_argument("--arch", help="resnet50 or smallcnn (default: by data set)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--data-root", help="folder in the published layout (default data/<dataset>)")
     p.add_argument("--cache-dir", help="decoded-image and feature cache (default .cache)")
+    p.add_argument("--image-cache", default="auto", choices=("auto", "raw", "compact"),
+                   help="raw uint8 pixels, JPEG shards, or auto: raw up to 16 GB of pixels (default auto)")
+    p.add_argument("--image-decode", default="cpu", choices=("cpu", "gpu"),
+                   help="compact cache: decode in the DataLoader workers, or batched on the GPU (nvJPEG)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--obs-seed", type=int, default=1200, help="which positive stays observed")
     p.add_argument("--device", default="auto")
@@ -389,24 +480,29 @@ def _parser() -> argparse.ArgumentParser:
                    help="random horizontal flip in training (default: on, off for digits)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
     p.add_argument("--max-train-images", type=int, help="train on the first N images only (quick checks)")
-    p.add_argument("--out", required=True, help="output folder: checkpoint.pt and metrics.json; rerun to resume")
+    p.add_argument("--boostlu-alpha", type=float, metavar="A",
+                   help="BoostLU (CVPR 2023): multiply positive class-activation-map values by A before "
+                        "pooling (the authors use 5; default: off)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or this run's own (rerun the command to resume); it keeps "
+                        "checkpoint.pt, checkpoint.pt.sha256 and metrics.json, and any other file is refused")
+    p.add_argument("--accept-unverified-checkpoint", action="store_true",
+                   help="resume from a checkpoint.pt whose checkpoint.pt.sha256 is missing")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         dataset=args.dataset, scheme=args.scheme, delta_rel=args.delta_rel, lr=args.lr,
-        lr_head_mult=args.lr_head_mult, epochs=args.epochs, batch_size=args.batch_size, mode=args.mode,
-        linear_init_epochs=args.linear_init_epochs, weights=args.weights, arch=args.arch,
-        image_size=args.image_size, data_root=args.data_root, cache_dir=args.cache_dir, seed=args.seed,
+        lr_head_mult=args.lr_head_mult, optimizer=args.optimizer, epochs=args.epochs,
+        batch_size=args.batch_size, mode=args.mode, linear_init_epochs=args.linear_init_epochs,
+        linear_init_lr=args.linear_init_lr, linear_init_batch_size=args.linear_init_batch_size,
+        weights=args.weights, arch=args.arch,
+        image_size=args.image_size, data_root=args.data_root, cache_dir=args.cache_dir,
+        image_cache=args.image_cache, image_decode=args.image_decode, seed=args.seed,
         obs_seed=args.obs_seed, device=args.device, precision=args.precision, num_workers=args.num_workers,
-        skip_bad_images=args.skip_bad_images, cuda_graph=args.cuda_graph, hflip=args.hflip, max_train_images=args.max_train_images).resolve()
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+        skip_bad_images=args.skip_bad_images, cuda_graph=args.cuda_graph, hflip=args.hflip,
+        max_train_images=args.max_train_images, boostlu_alpha=args.boostlu_alpha).resolve()
 
 
 def _check_out_dir(out: Path) -> None:
@@ -419,29 +515,61 @@ def _check_out_dir(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wsml.checkpoint import load_checkpoint, save_checkpoint
+    """The command line; exit status 0, 2 for bad input, 128 + the signal when interrupted."""
+    from wsml.interrupt import StopOnSignal
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        out = Path(args.out)
-        _check_out_dir(out)
-        ckpt = out / "checkpoint.pt"
-        resume = load_checkpoint(ckpt) if ckpt.exists() else None
+    out = Path(args.out)
+    saved = {"epoch": 0}   # the epoch DIR/checkpoint.pt holds
+    with StopOnSignal() as stop:
+        try:
+            return _train(args, out, stop, saved)
+        except BaseException as err:
+            if stop.signum is not None:
+                # Interrupted, or what the same signal did to a helper process (a DataLoader worker)
+                kept = (f"{out / 'checkpoint.pt'} keeps epoch {saved['epoch']}, the epoch in progress is dropped"
+                        if saved["epoch"] else "no epoch was completed, nothing is kept")
+                print(f"interrupted by {signal.Signals(stop.signum).name}: {kept}; continue with the same command: "
+                      f"python -m wsml.train {shlex.join(argv)}", file=sys.stderr)
+                return 128 + stop.signum
+            if isinstance(err, WSMLError):
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            raise
 
-        def on_epoch(_report: EpochReport, get_state: StateFn) -> None:
-            save_checkpoint(ckpt, get_state())
 
-        result = run(cfg, on_epoch, resume)
-    except WSMLError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _write_json_atomic(out / "metrics.json", {
-        "test_map": result.test_map, "best_val_map": result.best_val_map, "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early, "empty_test_classes": result.empty_test_classes,
-        "history": result.history, "config": result.config})
+def _train(args: argparse.Namespace, out: Path, stop, saved: dict[str, int]) -> int:
+    from wsml.checkpoint import save_checkpoint
+    from wsml.outdir import CHECKPOINT, METRICS, inspect_out
+
+    cfg = config_from_args(args)
+    _check_out_dir(out)
+    found = inspect_out(out, cfg, args.accept_unverified_checkpoint)
+    for note in found.notes:
+        print(note, file=sys.stderr)
+    if found.finished is not None:
+        m = found.finished
+        print(f"already finished: test mAP {m['test_map']:.2f} (best validation mAP {m['best_val_map']:.2f} at "
+              f"epoch {m['best_epoch']}) in {out / METRICS}; nothing trained (to train again, pass another "
+              f"--out or delete {out})")
+        return 0
+    if found.resume is not None:
+        saved["epoch"] = int(found.resume["epoch"])
+
+    def on_epoch(report: EpochReport, get_state: StateFn) -> None:
+        with stop.deferred():
+            save_checkpoint(out / CHECKPOINT, get_state())
+            saved["epoch"] = report.epoch
+
+    result = run(cfg, on_epoch, found.resume, safe_point=stop.check)
+    with stop.deferred():
+        atomic_write(out / METRICS, json.dumps({
+            "test_map": result.test_map, "best_val_map": result.best_val_map, "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early, "empty_test_classes": result.empty_test_classes,
+            "history": result.history, "config": result.config}, indent=2, default=float) + "\n")
     print(f"test mAP {result.test_map:.2f} (best validation mAP {result.best_val_map:.2f} at epoch "
-          f"{result.best_epoch}); wrote {out / 'metrics.json'}")
+          f"{result.best_epoch}); wrote {out / METRICS}")
     return 0
 
 

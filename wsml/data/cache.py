@@ -1,8 +1,9 @@
 """Build-once-per-node caches of derived arrays (decoded, resized images; frozen-backbone features).
 
 Every trial on a node trains on the same images, so decoding and resizing them each epoch in each
-trial wastes 3-4 CPU cores per trial (DESIGN.md section 7). Instead the first caller builds the
-array once and every later caller, in any process, memory-maps it read-only.
+trial wastes 3-4 CPU cores per trial (the published per-epoch PIL pipeline gives about 250 VOC
+images/s per core: README, Performance). Instead the first caller builds the array once and every
+later caller, in any process, memory-maps it read-only.
 
 A cache entry is a directory `<name>-<hash of key>/` holding one `.npy` per array and `key.json`.
 It is built in a temporary sibling directory while holding a file lock and renamed into place
@@ -32,6 +33,7 @@ from filelock import FileLock, Timeout
 from PIL import Image
 
 from wsml.errors import DataError
+from wsml.progress import Progress
 
 # Bump when the stored pixels would differ for the same files and size (decode or resize change).
 IMAGE_FORMAT_VERSION = 1
@@ -74,10 +76,10 @@ def cached_arrays(cache_root: str | os.PathLike, key: Mapping, arrays: Mapping[s
                 a.flush()
             (tmp / "key.json").write_text(json.dumps(key, sort_keys=True))
             for f in tmp.iterdir():
-                _fsync(f)
-            _fsync(tmp)
+                fsync_path(f)
+            fsync_path(tmp)
             _move_into_place(tmp, entry)
-            _fsync(root)
+            fsync_path(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -133,7 +135,8 @@ def _allocate(path: Path, shape: Shape, dtype: np.dtype, name: str) -> np.memmap
     return out
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -160,8 +163,9 @@ def _move_into_place(tmp: Path, entry: Path) -> None:
 class ImageCache:
     """Decoded images resized to size x size, in the order of the path list given."""
 
-    array: np.memmap  # (N, size, size, 3) uint8 HWC RGB, read-only
+    array: np.memmap  # (N, size, size, 3) uint8 HWC RGB, read-only (the compact cache: CompactImages)
     bad: np.ndarray   # int64 indices of unreadable images that were skipped; their pixels are 0
+    file_sizes: np.ndarray  # int64 bytes of each file as found (-1: missing), for the data fingerprint
 
 
 def load_image_cache(paths: Sequence[str], size: int, cache_root: str | os.PathLike, *,
@@ -200,20 +204,34 @@ def load_image_cache(paths: Sequence[str], size: int, cache_root: str | os.PathL
     got = cached_arrays(cache_root, key, {"images": ((n, size, size, 3), np.dtype(np.uint8)),
                                           "bad": ((n,), np.dtype(bool))}, build, name=f"images{size}")
     bad = np.flatnonzero(got["bad"]).astype(np.int64)
+    check_bad(bad, n, files.__getitem__, skip_bad)
+    sizes = np.array([-1 if s is None else s for _, s, _ in stats], dtype=np.int64)
+    return ImageCache(array=got["images"], bad=bad, file_sizes=sizes)
+
+
+def check_bad(bad: np.ndarray, n: int, path_of: Callable[[int], str], skip_bad: bool) -> None:
+    """Raise on unreadable images (their indices `bad` of `n`) unless `skip_bad`; then warn once."""
     if bad.size and not skip_bad:
         more = f" and {bad.size - 1} more" if bad.size > 1 else ""
-        raise DataError(f"unreadable image {files[bad[0]]} ({_why_unreadable(files[bad[0]])}){more}; fix or "
+        first = path_of(int(bad[0]))
+        raise DataError(f"unreadable image {first} ({_why_unreadable(first)}){more}; fix or "
                         f"remove it, or pass --skip-bad-images to train without it")
     if bad.size:
-        print(f"warning: skipped {bad.size} unreadable image(s) of {n} (left as zeros), e.g. {files[bad[0]]}",
+        print(f"warning: skipped {bad.size} unreadable image(s) of {n} (left as zeros), e.g. {path_of(int(bad[0]))}",
               file=sys.stderr, flush=True)
-    return ImageCache(array=got["images"], bad=bad)
+
+
+def resized(path: str, size: int) -> Image.Image:
+    """The image as the published pipeline feeds it to ToTensor: RGB, `Resize((size, size))`.
+
+    Same calls as torchvision's Resize((size, size)) on a PIL image: PIL's antialiased bilinear.
+    """
+    with Image.open(path) as im:
+        return im.convert("RGB").resize((size, size), Image.BILINEAR)
 
 
 def _decode(path: str, size: int) -> np.ndarray:
-    # Same calls as torchvision's Resize((size, size)) on a PIL image: PIL's antialiased bilinear.
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    return np.asarray(resized(path, size))
 
 
 def _why_unreadable(path: str) -> str:
@@ -239,13 +257,27 @@ def _decode_chunk(npy: str, jobs: list[tuple[int, str]], size: int) -> list[int]
 
 def _decode_all(files: list[str], size: int, out: np.memmap, workers: int) -> list[int]:
     jobs = list(enumerate(files))
-    if workers <= 1:
-        return _decode_chunk(out.filename, jobs, size)
-    # Small chunks keep the workers evenly loaded; spawn keeps worker start-up safe in threaded
-    # parents (torch, Ray).
-    step = max(1, min(256, len(jobs) // (workers * 8)))
+    # Small chunks keep the workers evenly loaded and the progress shown moving.
+    step = max(1, min(256, len(jobs) // (max(workers, 1) * 8)))
     chunks = [jobs[i:i + step] for i in range(0, len(jobs), step)]
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = pool.map(_decode_chunk, [out.filename] * len(chunks), chunks, [size] * len(chunks))
-        return [i for bad in results for i in bad]
+    with Progress(len(jobs), "image cache: decoding", "img") as shown:
+        if workers <= 1:
+            bad = []
+            for chunk in chunks:
+                bad += _decode_chunk(out.filename, chunk, size)
+                shown.update(len(chunk))
+            return bad
+        # spawn keeps worker start-up safe in threaded parents (torch, Ray)
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                bad = []
+                for chunk, found in zip(chunks, pool.map(_decode_chunk, [out.filename] * len(chunks), chunks,
+                                                         [size] * len(chunks))):
+                    bad += found
+                    shown.update(len(chunk))
+                return bad
+            except BaseException:
+                # interrupted (Ctrl-C, SIGTERM): drop the queued chunks instead of decoding them all first
+                pool.shutdown(cancel_futures=True)
+                raise

@@ -49,3 +49,31 @@ def _mosaics(images: np.ndarray, targets: np.ndarray, count: int, rng: np.random
             labels[i, targets[pick]] = 1
     gray = np.round(canvas * (255 / 16)).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=3), labels
+
+
+def write_digits(dest, image_root, *, train: int | None = None) -> None:
+    """The digits set as PNG files in the published layout (`wsml.data.formats`), to try the
+    file-based data path (prepare -> image cache -> loader) without a download.
+
+    Official train = the train and validation mosaics (the trainer splits off its own validation),
+    official val = the test mosaics; `train` keeps the first N official train mosaics.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from wsml.data.formats import write_formatted
+
+    splits = make_digits()
+    official = {"train": tuple(np.concatenate([splits["train"][k], splits["val"][k]])[:train] for k in (0, 1)),
+                "val": splits["test"]}
+    image_root = Path(image_root)
+    names = {}
+    for split, (images, _) in official.items():
+        (image_root / split).mkdir(parents=True, exist_ok=True)
+        names[split] = [f"{split}/{i:05d}.png" for i in range(len(images))]
+        for name, pixels in zip(names[split], images):
+            Image.fromarray(pixels).save(image_root / name)
+    write_formatted(dest, dataset="digits", class_names=CLASS_NAMES, image_root=image_root,
+                    train_images=names["train"], train_labels=official["train"][1],
+                    val_images=names["val"], val_labels=official["val"][1])

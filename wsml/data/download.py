@@ -42,6 +42,7 @@ from pathlib import Path
 
 from wsml.data import prepare
 from wsml.errors import DataError, WSMLError
+from wsml.progress import Progress
 
 BASE_URL_ENV = "WSML_DOWNLOAD_BASE_URL"
 CHUNK = 1 << 20
@@ -119,14 +120,6 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(8 * CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(path: Path, archive: Archive) -> None:
     """Size then checksum; a mismatch raises DataError."""
     size = path.stat().st_size
@@ -134,7 +127,8 @@ def verify(path: Path, archive: Archive) -> None:
         raise DataError(f"{path} is {size} bytes, the official {archive.file_name} is {archive.size}")
     if archive.checksum is not None:
         algorithm, want = archive.checksum
-        got = file_digest(path, algorithm)
+        with open(path, "rb") as f:
+            got = hashlib.file_digest(f, algorithm).hexdigest()
         if got != want.lower():
             raise DataError(f"{path} has {algorithm} {got}, expected {want}")
 
@@ -174,15 +168,12 @@ def _download_into(part: Path, url: str, archive: Archive) -> None:
                 f"check --base-url, or pass --expect {archive.file_name}=ALGO:HEX for a repacked mirror"
             )
         _log(f"downloading {archive.file_name} from {url}" + (f", resuming at byte {have}" if have else ""))
-        step = max((total or 0) // 10, 64 * CHUNK)
-        next_report = have + step
-        with open(part, "ab" if have else "wb") as out:
+        with open(part, "ab" if have else "wb") as out, \
+                Progress(total, f"  {archive.file_name}", "B", initial=have) as shown:
             while block := response.read(CHUNK):
                 out.write(block)
                 have += len(block)
-                if have >= next_report:
-                    _log(f"  {archive.file_name}: {have} of {total or '?'} bytes")
-                    next_report = have + step
+                shown.update(len(block))
     if total is not None and have < total:
         raise http.client.IncompleteRead(b"", total - have)
 

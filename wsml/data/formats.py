@@ -12,6 +12,10 @@ and our `meta.json`: `dataset`, `class_names`, `num_classes` and `image_root`,
 the absolute folder the image paths are relative to.  "train" and "val" are the
 OFFICIAL splits: the trainer carves 20 % of official train into validation and
 uses official val as the test set.
+
+Reading memory-maps the arrays and checks them in blocks of rows, so a data set
+of millions of images (OpenImages: 5,000 classes) costs no more memory than a
+block: int8 labels stay memory-mapped, paths stay relative until asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -48,14 +52,14 @@ OWN_FILES = frozenset([META_FILE, OBS_FILE] + [f(s) for s in SPLITS for f in (im
 
 @dataclass(frozen=True)
 class Formatted:
-    """One prepared data set, official splits; image paths are absolute."""
+    """One prepared data set, official splits, as read (arrays memory-mapped where they can be)."""
 
     dataset: str
     class_names: list[str]
     image_root: Path
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
+    train_paths: np.ndarray       # image paths relative to image_root
+    train_labels: np.ndarray      # int8
+    val_paths: np.ndarray
     val_labels: np.ndarray
     train_labels_obs: np.ndarray | None
 
@@ -63,20 +67,48 @@ class Formatted:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def train_images(self) -> np.ndarray:
+        """Absolute image paths, made on each call (millions of images: use train_paths + image_root)."""
+        return np.char.add(f"{self.image_root}{os.sep}", self.train_paths)
+
+    @property
+    def val_images(self) -> np.ndarray:
+        return np.char.add(f"{self.image_root}{os.sep}", self.val_paths)
+
+
+# Rows checked at a time: the checks' temporaries stay near 16 M cells whatever the data set's size.
+_BLOCK_CELLS = 1 << 24
+
 
 def _check_labels(name: str, labels: np.ndarray) -> np.ndarray:
-    """Validate one label matrix and return it as int8; `name` is the file it comes from."""
+    """Validate one label matrix block by block and return it as int8; `name` is the file it comes from.
+
+    An int8 matrix is returned as it is (memory-mapped when read from disk); others are
+    converted, one byte per cell (the published code's scripts write float64).
+    """
     if labels.ndim != 2:
         raise DataError(f"{name} has shape {labels.shape}, expected 2-D (images, classes); rebuild it ({PREPARE_HINT})")
     if labels.dtype.kind not in "biuf":
         raise DataError(f"{name} holds {labels.dtype} values, expected numbers -1, 0 or 1; rebuild it ({PREPARE_HINT})")
-    bad = ~np.isin(labels, (-1, 0, 1))
-    if bad.any():
-        value = labels[bad][0].item()
+    rows = max(1, _BLOCK_CELLS // max(1, labels.shape[1]))
+    value, count = None, 0
+    for start in range(0, len(labels), rows):
+        block = np.asarray(labels[start:start + rows])
+        bad = ~np.isin(block, (-1, 0, 1))
+        if bad.any():
+            value = block[bad][0].item() if value is None else value
+            count += int(bad.sum())
+    if count:
         raise DataError(
-            f"{name} holds value {value} in {int(bad.sum())} cell(s); labels must be -1, 0 or 1; rebuild it ({PREPARE_HINT})"
+            f"{name} holds value {value} in {count} cell(s); labels must be -1, 0 or 1; rebuild it ({PREPARE_HINT})"
         )
-    return labels.astype(np.int8)
+    if labels.dtype == np.int8:
+        return labels
+    out = np.empty(labels.shape, dtype=np.int8)
+    for start in range(0, len(labels), rows):
+        out[start:start + rows] = labels[start:start + rows]
+    return out
 
 
 def _check_images(name: str, images: np.ndarray, rows: int, labels_name: str) -> np.ndarray:
@@ -126,6 +158,56 @@ def _check_set(
     return out
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_image_paths(image_root, paths: list[str], listed_in: str) -> None:
+    """Refuse any image path that does not stay inside `image_root`, before an image is opened.
+
+    Paths must be relative, without `..`, and resolve (symlinks followed) to a
+    file under the resolved image root. A symlink inside the root is fine, the
+    root itself may be one; a link that points out of it is refused like `..`:
+    image folders come from archives, and an archive can carry links, so a
+    link out of the data set is no more trustworthy than a `..` path. Cheap:
+    a `realpath` per folder and one directory listing (`scandir`, whose
+    entries say whether they are links) per folder, not a system call per file.
+    `listed_in` names the list in the error.
+    """
+    root = Path(image_root)
+    real_root = os.path.realpath(root)
+
+    def refuse(path: str, why: str) -> None:
+        raise DataError(f"{listed_in} lists image {path!r}, which is outside the image root {root} ({why}): "
+                        f"list paths relative to the image root that stay inside it, or move the images there "
+                        f"and {PREPARE_HINT}")
+
+    folders: dict[str, list[tuple[str, str]]] = {}
+    for path in paths:   # plain string tests: cheap over 100k+ paths
+        if not path or "\0" in path:
+            refuse(path, "an empty name or a NUL byte")
+        if path.startswith("/"):
+            refuse(path, "an absolute path")
+        if ".." in path.split("/"):
+            refuse(path, "a '..' component")
+        folder, _, name = path.rpartition("/")
+        folders.setdefault(folder, []).append((name, path))
+    for folder, entries in folders.items():
+        where = root / folder
+        real = os.path.realpath(where)
+        if not _inside(real, real_root):
+            refuse(entries[0][1], f"its folder {where} resolves to {real}")
+        try:
+            links = {e.name for e in os.scandir(where) if e.is_symlink()}
+        except OSError:
+            continue  # a missing folder: its images are reported as unreadable when decoded
+        for name, path in entries:
+            if name in links:
+                target = os.path.realpath(where / name)
+                if not _inside(target, real_root):
+                    refuse(path, f"{where / name} is a symlink to {target}")
+
+
 def write_formatted(
     dest,
     *,
@@ -156,12 +238,7 @@ def write_formatted(
         arrays[OBS_FILE] = np.asarray(train_labels_obs)
     arrays = _check_set(arrays, class_names)
     for split in SPLITS:
-        for path in arrays[images_file(split)].tolist():
-            pure = PurePosixPath(path)
-            if pure.is_absolute() or ".." in pure.parts or not path:
-                raise DataError(
-                    f"image path {path!r} must be relative to image_root without '..'; store paths relative to {image_root}"
-                )
+        check_image_paths(image_root, arrays[images_file(split)].tolist(), f"{split}_images")
     if dest.exists() and not dest.is_dir():
         raise DataError(f"{dest} exists and is not a folder; choose a new --dest")
     if dest.is_dir():
@@ -206,9 +283,9 @@ def _load(root: Path, name: str) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path} is missing; {PREPARE_HINT}")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as err:
-        if "allow_pickle" in str(err):
+        if "allow_pickle" in str(err) or "Python objects" in str(err):
             raise DataError(
                 f"{path} is an object array; re-save it as a unicode array: np.save(path, np.asarray(paths, dtype=str))"
             ) from None
@@ -220,7 +297,8 @@ def _load(root: Path, name: str) -> np.ndarray:
 def read_arrays(root) -> dict[str, np.ndarray]:
     """Load and validate the .npy files of a prepared folder as stored, keyed by file name.
 
-    Image paths stay relative and labels become int8; meta.json is not read.
+    Image paths stay relative and labels become int8; arrays are memory-mapped read-only where
+    their type allows; meta.json is not read.
     """
     root = Path(root)
     arrays = {name: _load(root, name) for split in SPLITS for name in (images_file(split), labels_file(split))}
@@ -255,6 +333,8 @@ def read_formatted(root, *, image_root=None, dataset: str | None = None) -> Form
     image_root = Path(image_root).absolute()
 
     arrays = read_arrays(root)
+    for split in SPLITS:
+        check_image_paths(image_root, arrays[images_file(split)].tolist(), str(root / images_file(split)))
     num_classes = arrays[labels_file("train")].shape[1]
     class_names = meta.get("class_names") or [f"class_{i}" for i in range(num_classes)]
     if meta.get("num_classes", len(class_names)) != len(class_names) or len(class_names) != num_classes:
@@ -263,16 +343,13 @@ def read_formatted(root, *, image_root=None, dataset: str | None = None) -> Form
             f"{num_classes} label columns; {PREPARE_HINT}"
         )
 
-    def absolute(images: np.ndarray) -> np.ndarray:
-        return np.char.add(f"{image_root}{os.sep}", images)
-
     return Formatted(
         dataset=meta.get("dataset") or dataset or root.resolve().name,
         class_names=class_names,
         image_root=image_root,
-        train_images=absolute(arrays[images_file("train")]),
+        train_paths=arrays[images_file("train")],
         train_labels=arrays[labels_file("train")],
-        val_images=absolute(arrays[images_file("val")]),
+        val_paths=arrays[images_file("val")],
         val_labels=arrays[labels_file("val")],
         train_labels_obs=arrays.get(OBS_FILE),
     )

@@ -1,0 +1,194 @@
+"""Checks a sweep makes before it creates anything: names, folders, the Ray address, the MLflow store.
+
+Each raises `SweepError` (or `TrackingError`) with one line naming the input
+and the fix; none of them writes a file, creates an MLflow store or starts Ray.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+from wsml.config import DATASETS, SCHEMES
+from wsml.files import writable_folder
+
+from orchestration import private, store
+from orchestration.common import FINAL_SUFFIX, SweepError, TrackingError, first_line, redact
+
+
+def check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise SweepError(f"unknown data set {dataset!r}: choose one of {', '.join(DATASETS)}")
+
+
+def parse_schemes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise SweepError(f"--schemes {text!r} lists no scheme: give a comma list from {','.join(SCHEMES)}")
+    for n in names:
+        if n not in SCHEMES:
+            raise SweepError(f"--schemes: unknown scheme {n!r}: choose from {','.join(SCHEMES)}")
+    return list(dict.fromkeys(names))
+
+
+MAX_NAME = 100      # the sweep's name becomes folder names (with suffixes) and an MLflow experiment name
+
+
+def check_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name.endswith(FINAL_SUFFIX):
+        raise SweepError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (not ending in {FINAL_SUFFIX})")
+    if len(name) > MAX_NAME:
+        raise SweepError(f"--name is {len(name)} characters long: use at most {MAX_NAME}")
+
+
+def check_results_dir(results_dir: str) -> None:
+    path = Path(results_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SweepError(f"--results-dir {results_dir} is a file: pass a folder for the tables")
+    if writable_folder(path.resolve()) is None:
+        raise SweepError(f"--results-dir {results_dir}: no file can be written there: pass a folder you can write to")
+
+
+def is_uri(path: str) -> bool:
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path))
+
+
+def resolve_storage(storage: str) -> str:
+    """An absolute storage folder whose nearest existing parent is writable, or a bucket URI."""
+    if is_uri(storage):
+        return storage.rstrip("/")
+    p = Path(storage).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise SweepError(f"--storage {storage} is a file: pass a folder you can write to")
+    if writable_folder(p) is None:
+        raise SweepError(f"--storage {storage}: no file can be written there: pass a folder you can write to")
+    return str(p)
+
+
+def data_root_path(dataset: str, data_root: str | None) -> str | None:
+    """The data set's folder, absolute (None for the built-in digits), whether it exists or not."""
+    if dataset == "digits":
+        return None
+    return str(Path(data_root or f"data/{dataset}").expanduser().resolve())
+
+
+def check_data_root(dataset: str, data_root: str | None, remote: bool) -> str | None:
+    """The data set's folder (None for the built-in digits); on a cluster it may live on the nodes only."""
+    if dataset == "digits":
+        return None
+    path = Path(data_root_path(dataset, data_root))
+    if not path.is_dir():
+        if remote:
+            print(f"note: data set folder {path} is not on this machine; the trials look for it on their nodes")
+        else:
+            raise SweepError(f"data set {dataset} not found at {path}: prepare it (python -m wsml.data.prepare "
+                             f"{dataset} --source RAW_DIR --dest {path}, see the README's Data section) or pass "
+                             "--data-root")
+    return str(path)
+
+
+def resolve_cache_dir(cache_dir: str | None, dataset: str, data_root: str | None, train: dict) -> str:
+    """The trials' cache folder (decoded images, LinearInit features), absolute: the same path on every node.
+
+    --cache-dir when given. Else, where the cluster files set them: a compact image cache in
+    $WSML_SHARED_CACHE (shared storage: built once as Ray tasks, read by every node; 8x smaller
+    than raw), a raw one (and digits) in $WSML_CACHE (each node's own fast disk: raw pixels are read
+    again every epoch, which shared storage cannot feed). Without them, ./.cache.
+    """
+    if cache_dir:
+        return str(Path(cache_dir).expanduser().resolve())
+    shared, local = os.environ.get("WSML_SHARED_CACHE"), os.environ.get("WSML_CACHE")
+    compact = _reads_compact(dataset, data_root, train)
+    chosen = (shared or local) if compact is None else shared if compact else local
+    return str(Path(chosen or ".cache").expanduser().resolve())
+
+
+def _reads_compact(dataset: str, data_root: str | None, train: dict) -> bool | None:
+    """Whether the sweep's trials read a compact image cache; None when the data set is not visible here."""
+    from wsml.config import TrainConfig
+    from wsml.data.formats import images_file, read_arrays
+    from wsml.data.loading import image_cache_format
+
+    if dataset == "digits":
+        return False
+    cfg = TrainConfig.from_dict({"dataset": dataset, **train}).resolve()
+    if cfg.image_cache != "auto":
+        return cfg.image_cache == "compact"
+    if data_root is None or not Path(data_root).is_dir():
+        return None
+    try:
+        arrays = read_arrays(Path(data_root))
+        images = len(arrays[images_file("train")]) + len(arrays[images_file("val")])
+    except Exception:  # noqa: BLE001 - the trials report a broken data set; here it only picks a folder
+        return None
+    return image_cache_format(cfg, images) == "compact"
+
+
+def resolve_address(address: str | None) -> str | None:
+    """None = start Ray in-process; else a reachable host:port of a Ray head ($RAY_ADDRESS is honoured)."""
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
+        if address is None:
+            return None
+    if address == "local":
+        return None
+    if address.startswith("ray://"):
+        raise SweepError(f"--address {address}: Ray Client addresses are not supported; run the sweep on the "
+                         "cluster's head (--address auto) or give the GCS host:port")
+    if address == "auto":
+        try:
+            address = private.find_local_ray_address()
+        except Exception:  # noqa: BLE001 - ConnectionError and friends
+            raise SweepError("--address auto: no running Ray cluster found on this machine: start one "
+                             "(ray start --head / ray up) or give host:port") from None
+    m = re.match(r"^\[?([^\]]+?)\]?:(\d+)$", address)
+    if not m:
+        raise SweepError(f"--address {address!r} is not host:port or auto: e.g. --address 10.0.0.5:6379")
+    host, port = m.group(1), int(m.group(2))
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            pass
+    except OSError as err:
+        raise SweepError(f"Ray cluster at {address} is unreachable ({err.strerror or err}): start it "
+                         "or fix --address") from None
+    _check_ray_gcs(host, port)
+    return f"{host}:{port}"
+
+
+def _check_ray_gcs(host: str, port: int, timeout: float = 5.0) -> None:
+    import grpc
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        private.ask_gcs_cluster_id(target, timeout)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise SweepError(f"the Ray cluster at {host}:{port} wants its authentication token: set "
+                             "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the token it was started with") from None
+        detail = (err.details() or err.code().name).split(" (")[0].strip()
+        raise SweepError(f"{host}:{port} is not a Ray cluster's head (GCS) port ({err.code().name}: "
+                         f"{detail[:120]}): give the address `ray start --head` printed (port 6379 by "
+                         "default) or --address auto on the head") from None
+
+
+def check_store(uri: str, name: str, resume: bool) -> None:
+    """The store can be used, and (for a new sweep) holds no sweep of that name; creates no store."""
+    store.check_uri(uri)
+    if resume:
+        return
+    path = store.local_path(uri)
+    if path is not None and not path.exists():
+        return          # no store yet, so no such run
+    try:
+        c = store.client(uri)
+        eid = store.find_experiment_id(c, name)
+        if eid is not None and store.find_parent(c, eid, name) is not None:
+            raise SweepError(f"MLflow experiment {name!r} in {redact(uri)} already holds a sweep: pass --resume to "
+                             "continue it or choose another --name")
+    except (SweepError, TrackingError):
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise TrackingError(f"cannot read MLflow store {redact(uri)}: {first_line(err)}") from None

@@ -1,0 +1,119 @@
+"""The sweep record: `<storage>/<sweep>/wsml_sweep.json`, what `--resume` needs besides Ray's state.
+
+It holds the data set, the validated search space, the MLflow store and the
+ids of the sweep's experiment and run, the trial resources, the data and
+cache folders and the command line. It is written once, when the sweep
+starts, beside Tune's own `tuner.pkl`; storage is a local folder or a bucket
+URI (through pyarrow's file systems, as Tune's own storage).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from orchestration.common import FINAL_SUFFIX, RECORD, SweepError
+
+
+@dataclass
+class SweepRecord:
+    dataset: str
+    name: str
+    space: dict[str, Any]
+    mlflow_uri: str
+    experiment_id: str
+    parent_run_id: str
+    resources: dict[str, float]
+    data_root: str | None
+    cache_dir: str
+    command: str
+    created: str
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "SweepRecord":
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise SweepError(f"{where} is not valid JSON ({err}): the sweep folder is damaged; start a new "
+                             "sweep with another --name") from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or not fields <= set(data):
+            missing = sorted(fields - set(data)) if isinstance(data, dict) else ["all"]
+            raise SweepError(f"{where} is not a sweep record (missing {', '.join(missing)}): the sweep folder is "
+                             "damaged; start a new sweep with another --name")
+        return cls(**{k: data[k] for k in fields})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _fs(storage: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(storage)
+
+
+def exists(storage: str, rel: str) -> bool:
+    import pyarrow.fs
+
+    fs, base = _fs(storage)
+    return fs.get_file_info(f"{base}/{rel}").type != pyarrow.fs.FileType.NotFound
+
+
+def read(storage: str, name: str) -> SweepRecord | None:
+    """The record of sweep `name`, None when there is none; SweepError when it is damaged."""
+    fs, base = _fs(storage)
+    path = f"{base}/{name}/{RECORD}"
+    try:
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode(errors="replace")
+    except (FileNotFoundError, OSError):
+        return None
+    return SweepRecord.from_json(text, f"{storage}/{name}/{RECORD}")
+
+
+def write(storage: str, record: SweepRecord) -> None:
+    """Write the record; readers never see a part of it (a local file is renamed into place, an
+    object store's put is whole)."""
+    from pathlib import Path
+
+    from wsml.files import atomic_write
+
+    fs, base = _fs(storage)
+    if type(fs).__name__ == "LocalFileSystem":
+        atomic_write(Path(base) / record.name / RECORD, record.to_json())
+        return
+    fs.create_dir(f"{base}/{record.name}", recursive=True)
+    with fs.open_output_stream(f"{base}/{record.name}/{RECORD}") as f:
+        f.write(record.to_json().encode())
+
+
+def find_resumable(storage: str, dataset: str, name: str | None) -> SweepRecord:
+    """The record of the sweep to continue: `name`, or the newest sweep of `dataset` in `storage`."""
+    import pyarrow.fs
+    from ray import tune
+
+    if name is None:
+        fs, base = _fs(storage)
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+        except OSError:
+            infos = []
+        found = []
+        for info in infos:
+            if info.type == pyarrow.fs.FileType.Directory and not info.base_name.endswith(FINAL_SUFFIX):
+                rec = read(storage, info.base_name)
+                if rec is not None and rec.dataset == dataset:
+                    found.append(rec)
+        if not found:
+            raise SweepError(f"nothing to resume: no sweep of {dataset} in {storage}: start one without --resume")
+        return max(found, key=lambda r: (r.created, r.name))
+    record = read(storage, name)
+    if record is None or not tune.Tuner.can_restore(f"{storage}/{name}"):
+        raise SweepError(f"nothing to resume: no sweep {name!r} in {storage}: check --name and --storage, "
+                         "or start it without --resume")
+    if record.dataset != dataset:
+        raise SweepError(f"sweep {name!r} is a sweep of {record.dataset!r}, not {dataset!r}: "
+                         f"pass --dataset {record.dataset}")
+    return record

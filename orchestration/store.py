@@ -1,0 +1,251 @@
+"""The MLflow store: where it is, whether it can be used, and the sweep's own run in it.
+
+* `resolve_uri` / `check_uri`: the tracking URI made absolute and checked
+  before anything is created (a server's /health answers within seconds; a
+  local file or folder is writable).
+* `client`: an `MlflowClient` whose HTTP retries are short, so that a dead
+  server costs seconds, not minutes (every command that reads or writes the
+  store goes through it).
+* `find_experiment_id`, `find_runs`, `start_parent`, `end_parent`: the sweep's
+  experiment and parent run, found by their tags (never duplicated).
+* `is_transient`: whether a failed call may succeed later (the store down, not
+  a refusal), which `orchestration.outbox` retries.
+
+Messages name the store through `redact`: no credentials are printed.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from wsml.files import writable_folder
+
+from orchestration.common import (ROLE_SWEEP, TAG_DATASET, TAG_RESUMED, TAG_ROLE, TAG_SWEEP, TrackingError,
+                                  first_line, redact)
+
+# The MLflow client retries a failed HTTP call for minutes by default (7 retries,
+# exponential backoff, 120 s timeout). The sweep's outbox retries on its own
+# without blocking the sweep, and a table command should fail fast, so every
+# client here gives up after seconds. Set these variables yourself to override.
+HTTP_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+# ------------------------------------------------------------------ where
+def default_uri() -> str:
+    """MLflow's own default (MLFLOW_TRACKING_URI, else sqlite mlflow.db in the working directory)."""
+    import mlflow
+
+    return resolve_uri(mlflow.get_tracking_uri())
+
+
+def resolve_uri(uri: str) -> str:
+    """Make a local store's path absolute, so the printed `mlflow ui` command works from anywhere."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if urllib.parse.urlparse(uri).scheme == "" and uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def local_path(uri: str) -> Path | None:
+    """The file (sqlite) or folder (file store) of a local store; None for a server or database."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path
+        path = urllib.parse.unquote(path.split("?", 1)[0])
+        return Path(path) if path not in ("", ":memory:") else None
+    if parsed.scheme in ("", "file"):
+        return Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else uri)
+    return None
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {redact(uri)} in a browser"
+    return f"mlflow ui --backend-store-uri {redact(uri)}"
+
+
+# ----------------------------------------------------------------- checks
+def check_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (TrackingError) when the store cannot be used, before anything is created."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        _check_server(uri, parsed, timeout)
+    elif parsed.scheme == "sqlite":
+        path = local_path(uri)
+        if path is None:
+            raise TrackingError(f"MLflow store {redact(uri)} names no file: pass --mlflow-uri sqlite:///PATH")
+        _check_writable_file(path, uri)
+    elif parsed.scheme in ("", "file"):
+        _check_writable_dir(local_path(uri), uri)
+    # databricks, postgresql, mysql, ...: MLflow reports problems itself (through `client`, redacted)
+
+
+def _check_server(uri: str, parsed, timeout: float) -> None:
+    shown = redact(uri)
+    # user:password@ in the URI: sent as basic auth (urllib does not take it from the URL)
+    netloc = parsed.netloc.rpartition("@")[2]
+    url = urllib.parse.urlunparse(parsed._replace(netloc=netloc)).rstrip("/") + "/health"
+    request = urllib.request.Request(url)
+    if parsed.username is not None:
+        pair = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - a URI the user gave
+            if resp.status >= 400:
+                raise TrackingError(f"MLflow server {shown} answered {resp.status} on /health: check --mlflow-uri")
+    except urllib.error.HTTPError as err:
+        raise TrackingError(f"MLflow server {shown} answered HTTP {err.code} on /health: check --mlflow-uri") from None
+    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(f"MLflow server {shown} is unreachable ({first_line(str(reason))}): start it or pass "
+                            "another --mlflow-uri") from None
+
+
+def _check_writable_file(path: Path, uri: str) -> None:
+    if path.exists():
+        if not path.is_file() or not os.access(path, os.W_OK):
+            raise TrackingError(f"MLflow store {redact(uri)} is not a writable file: pass another --mlflow-uri")
+        return
+    if path.parent.is_dir() and writable_folder(path.parent) == path.parent:
+        return
+    raise TrackingError(f"MLflow store {redact(uri)}: folder {path.parent} does not exist or is not writable: "
+                        "create it or pass another --mlflow-uri")
+
+
+def _check_writable_dir(path: Path, uri: str) -> None:
+    if (path.exists() and not path.is_dir()) or writable_folder(path) is None:
+        raise TrackingError(f"MLflow store {redact(uri)} is not a writable folder: pass another --mlflow-uri")
+
+
+# ----------------------------------------------------------------- access
+@contextmanager
+def lock(uri: str, timeout: float = 600) -> Iterator[None]:
+    """Hold the store's lock while creating it and the sweep's run in it (local stores only).
+
+    MLflow creates and migrates a new SQLite store on first use; two sweeps
+    started at once on a fresh file race on that migration and leave the
+    store broken for good. Under this lock the first creates it, the second
+    waits and finds it ready (and, with the same sweep name, finds the run).
+    A server serialises this itself.
+    """
+    path = local_path(uri)
+    if path is None:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(path.with_name(f".{path.name}.lock")), timeout=timeout):
+        yield
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    for key, value in HTTP_FAIL_FAST.items():
+        os.environ.setdefault(key, value)
+    if redact(uri) != uri:
+        # MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends: not with credentials in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return MlflowClient(tracking_uri=uri)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a failed MLflow call may succeed later: the store unreachable, timing out, failing
+    on its side (HTTP 5xx, 429) or locked; not a refusal of the call itself (HTTP 4xx)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        try:
+            code = int(err.get_http_status_code())
+        except (TypeError, ValueError):
+            code = 500
+        return code >= 500 or code == 429
+    if isinstance(err, OSError):        # connection refused / reset, timeouts (requests' errors are OSErrors)
+        return True
+    return type(err).__name__ == "OperationalError"     # SQLAlchemy: database locked or gone
+
+
+def find_experiment_id(c, name: str) -> str | None:
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        return None
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(f"MLflow experiment {name!r} exists in the deleted state: restore or purge it "
+                            "(mlflow gc), or choose another --name")
+    return exp.experiment_id
+
+
+def find_runs(c, experiment_id: str, **tags: str) -> list:
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return list(c.search_runs([experiment_id], filter_string=filt, max_results=1000))
+
+
+def find_parent(c, experiment_id: str, sweep: str):
+    runs = find_runs(c, experiment_id, **{TAG_ROLE: ROLE_SWEEP, TAG_SWEEP: sweep})
+    return runs[0] if runs else None
+
+
+def start_parent(c, sweep: str, dataset: str, params: dict[str, str], resume: bool) -> tuple[str, str]:
+    """Create (or, on resume, reopen) the sweep's experiment and parent run; returns (experiment_id, run_id)."""
+    from mlflow.entities import Param
+
+    experiment_id = find_experiment_id(c, sweep)
+    if experiment_id is None:
+        experiment_id = c.create_experiment(sweep, tags={TAG_DATASET: dataset, TAG_SWEEP: sweep})
+    parent = find_parent(c, experiment_id, sweep)
+    if parent is not None:
+        if not resume:
+            raise TrackingError(f"MLflow experiment {sweep!r} already holds this sweep's run: pass --resume to "
+                                "continue it or choose another --name")
+        c.update_run(parent.info.run_id, status="RUNNING")
+        c.set_tag(parent.info.run_id, TAG_RESUMED, str(int(parent.data.tags.get(TAG_RESUMED, "0")) + 1))
+        return experiment_id, parent.info.run_id
+    run = c.create_run(experiment_id, run_name=f"sweep {sweep}",
+                       tags={TAG_ROLE: ROLE_SWEEP, TAG_DATASET: dataset, TAG_SWEEP: sweep})
+    c.log_batch(run.info.run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()])
+    return experiment_id, run.info.run_id
+
+
+def end_parent(c, run_id: str, status: str, wait_s: float = 120.0) -> None:
+    """End the sweep's run; while the store cannot be reached, try again for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    delay = 1.0
+    while True:
+        try:
+            c.set_terminated(run_id, status=status)
+            return
+        except Exception as err:  # noqa: BLE001 - see is_transient
+            if not is_transient(err) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
+def log_results(c, run_id: str, out_dir: Path, files: list[Path]) -> list[str]:
+    """Attach the aggregated tables and figures to the sweep's run, where the MLflow UI shows them (the run's
+    Artifacts tab): each file at its path under `out_dir` (`table1.md`, `figures/...png`). Returns the
+    artifact paths. A local store keeps them in MLflow's default artifact location (`./mlruns` of the
+    folder the experiment was created in); a tracking server, where it keeps artifacts."""
+    out_dir = Path(out_dir)
+    logged = []
+    for f in files:
+        folder = Path(f).parent.relative_to(out_dir).as_posix()
+        c.log_artifact(run_id, str(f), artifact_path=None if folder == "." else folder)
+        logged.append(Path(f).relative_to(out_dir).as_posix())
+    return logged
+
+
+def run_url(uri: str, experiment_id: str, run_id: str, tab: str = "") -> str:
+    """The run's page in the MLflow UI: on the tracking server, or on `mlflow ui`'s default address."""
+    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")

@@ -1,0 +1,152 @@
+"""The trial config: what one trial trains, in one place.
+
+A Tune trial's config dict holds
+
+* the searched values at top level (`scheme`, `mode`, `delta_rel`, `lr`), as
+  Optuna proposes them (a search trial);
+* the sweep's constants at top level (`dataset`, `epochs`, `seed`, `device`,
+  `data_root`) and `wsml_sweep` (the sweep's name);
+* the space file's fixed training settings under `train`;
+* for a final rerun, the chosen configuration and its seed under `point`
+  (with `wsml_source_trial`, the search trial it reruns).
+
+`merged` folds these into one flat dict (`point` over the searched values over
+`train` over the constants) and drops what does not apply to the trial's
+scheme (`applies`: `delta_rel` means something only to the large-loss
+schemes). Everything downstream reads a trial through this module: the
+trainable (`train_config`), the MLflow logger (`params`, `Point`), the final
+stage (`Point`, `final_point`), the trial folders (`dirname`) and the
+benchmarks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsml.config import LL_SCHEMES, OPTIMIZERS, TrainConfig
+
+from orchestration.common import method_name, redact
+
+# Values a sweep may search (the order in which they are shown).
+SEARCHED = ("scheme", "mode", "optimizer", "delta_rel", "lr", "linear_init_lr", "boostlu_alpha")
+# Keys of a trial's config that are not TrainConfig fields.
+_META = ("wsml_sweep", "wsml_source_trial", "point", "train")
+# Optuna's names of an lr searched with one range per optimizer (orchestration.space): the
+# proposal carries the value as `lr` too.
+_OPTUNA_ONLY = {f"lr_{o}" for o in OPTIMIZERS}
+# TrainConfig fields not logged as params: machine-specific paths.
+_NOT_PARAMS = ("data_root", "cache_dir")
+
+
+def applies(name: str, scheme: str, mode: str = "end-to-end") -> bool:
+    """Whether the searched value `name` means something to a trial of `scheme` in `mode`."""
+    if name == "delta_rel":
+        return scheme in LL_SCHEMES
+    if name == "linear_init_lr":
+        return mode == "linear-init"
+    return True
+
+
+def base_config(*, dataset: str, epochs: int, train: dict[str, Any], sweep: str, data_root: str | None,
+                cache_dir: str) -> dict[str, Any]:
+    """A sweep's constants: Tune's param_space before the searched values are added."""
+    return {"dataset": dataset, "epochs": epochs, "seed": 0, "device": "auto", "data_root": data_root,
+            "train": {"cache_dir": cache_dir, **train}, "wsml_sweep": sweep}
+
+
+def merged(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial's values as one flat dict of TrainConfig fields (see the module docstring)."""
+    values = {k: v for k, v in config.items() if k not in _META and k not in _OPTUNA_ONLY}
+    values.update(config.get("train") or {})
+    values.update({k: v for k, v in (config.get("point") or {}).items() if k not in _META})
+    for name in SEARCHED:
+        if name in values and not applies(name, values.get("scheme", ""), values.get("mode", "end-to-end")):
+            del values[name]
+    return values
+
+
+def train_config(config: dict[str, Any]) -> TrainConfig:
+    """The trial's `TrainConfig`, resolved and validated."""
+    return TrainConfig.from_dict(merged(config)).resolve()
+
+
+def params(config: dict[str, Any]) -> dict[str, str]:
+    """The trial's MLflow params: its whole training config (redacted, paths left out), and the
+    search trial a final run reruns."""
+    try:
+        values = train_config(config).to_dict()
+    except Exception:  # noqa: BLE001 - a config the trainer refuses: log what it says; the trial reports why
+        values = merged(config)
+    for name in SEARCHED:
+        if name in values and not applies(name, values.get("scheme", ""), values.get("mode", "end-to-end")):
+            del values[name]
+    out = {k: redact(str(v)) for k, v in values.items() if k not in _NOT_PARAMS}
+    source = (config.get("point") or {}).get("wsml_source_trial")
+    if source:
+        out["source_trial"] = str(source)
+    return out
+
+
+@dataclass(frozen=True)
+class Point:
+    """What identifies a trial to a person: its scheme, mode, searched values and seed."""
+
+    scheme: str
+    mode: str
+    seed: int
+    values: dict[str, Any] = field(default_factory=dict)   # searched values that apply, e.g. delta_rel, lr
+    final: bool = False
+    source_trial: str | None = None
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> "Point":
+        v = merged(config)
+        scheme = str(v.get("scheme", "?"))
+        searched = {k: v[k] for k in SEARCHED[2:] if v.get(k) is not None}
+        return cls(scheme=scheme, mode=str(v.get("mode", "end-to-end")), seed=int(v.get("seed", 0)),
+                   values=searched, final="point" in config,
+                   source_trial=(config.get("point") or {}).get("wsml_source_trial"))
+
+    @property
+    def method(self) -> str:
+        """The table row this trial fills: the scheme, or "<scheme> + BoostLU"."""
+        return method_name(self.scheme, self.values.get("boostlu_alpha"))
+
+    def label(self) -> str:
+        """`LL-R d=2 lr=0.001` (+ ` LI` for linear-init, ` seed=1` for final runs)."""
+        parts = [self.scheme] + (["LI"] if self.mode != "end-to-end" else [])
+        short = {"delta_rel": "d", "lr": "lr", "linear_init_lr": "lr0", "boostlu_alpha": "boostlu"}
+        for k, v in self.values.items():
+            if k == "optimizer":
+                parts += [v] if v != "adam" else []      # Adam is the trainer's default: not named
+            else:
+                parts.append(f"{short.get(k, k)}={v:.3g}" if k == "delta_rel" else f"{short.get(k, k)}={v:.2g}")
+        if self.final:
+            parts.append(f"seed={self.seed}")
+        return " ".join(parts)
+
+
+def trial_index(trial) -> int:
+    """Tune's running number of a trial (its experiment tag starts with it)."""
+    head = (trial.experiment_tag or "0").split("_", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def run_name(trial) -> str:
+    """The MLflow run's name: `LL-R d=2 lr=0.001 #t3` (search) or `... seed=1 #f3` (final)."""
+    point = Point.of(trial.config or {})
+    return f"{point.label()} #{'f' if point.final else 't'}{trial_index(trial)}"
+
+
+def dirname(trial) -> str:
+    """Short trial folder names: `trial_003_LL-Ct_1a2b3c4d` (Tune's default packs the whole config in)."""
+    point = Point.of(trial.config or {})
+    kind, seed = ("final", f"_seed{point.seed}") if point.final else ("trial", "")
+    return f"{kind}_{trial_index(trial):03d}_{point.scheme}{seed}_{trial.trial_id}"
+
+
+def final_point(config: dict[str, Any], seed: int, source_trial: str) -> dict[str, Any]:
+    """The `point` of a final rerun of the search trial whose config is `config`."""
+    v = merged(config)
+    point = {k: v[k] for k in SEARCHED if k in v}
+    return {**point, "seed": seed, "wsml_source_trial": source_trial}
