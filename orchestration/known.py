@@ -283,7 +283,7 @@ def rows(records: list[Known], base: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-class ReuseMarker:
+class ReuseMarker(store.Writer):
     """Marks in MLflow the runs whose results answered proposals (see the module docstring).
 
     Called by the searcher in the driver; its calls go through an outbox, so a store that cannot be
@@ -298,25 +298,9 @@ class ReuseMarker:
         self._reset()
 
     def _reset(self) -> None:
-        from orchestration.outbox import Outbox
-
-        self._client = None
-        self.outbox = Outbox(redact(self.uri), store.is_transient)
+        super()._reset()
         self._times: dict[tuple, int] = {}              # record key -> proposals it answered in this driver
         self._before: dict[str, tuple[int, list]] = {}  # run id -> its reuse tags when first marked
-
-    def __getstate__(self) -> dict:
-        return {k: self.__dict__[k] for k in self._SETTINGS}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset()
-
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = store.client(self.uri)
-        return self._client
 
     def __call__(self, record: Known, total: int) -> None:
         """`record` answered a proposal; `total`: proposals this sweep answered so far. Every call sets values

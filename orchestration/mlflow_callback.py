@@ -35,8 +35,7 @@ from orchestration.common import (BEST_EPOCH, BEST_VAL_MAP, CLEAN_RATE, EPOCH_SE
                                   TAG_FAILURES, TAG_METHOD, TAG_MODE, TAG_NODE, TAG_NODES, TAG_PARENT, TAG_RESTORED_FROM,
                                   TAG_ROLE, TAG_SCHEME, TAG_SEED, TAG_SOURCE_TRIAL, TAG_STARTED_OVER,
                                   TAG_STATUS_REASON, TAG_SWEEP, TAG_TRIAL_ID, TEST_MAP, TRAIN_HOURS, TRAIN_LOSS,
-                                  VAL_MAP, first_line, redact)
-from orchestration.outbox import Outbox
+                                  VAL_MAP, first_line)
 
 EPOCH_METRICS = (VAL_MAP, TRAIN_LOSS, MODIFIED_FRAC, MODIFIED_TRUE_POS_FRAC, CLEAN_RATE, EPOCH_SECONDS,
                  BEST_VAL_MAP, "test_map_at_best", "images_per_s")
@@ -67,12 +66,12 @@ def _error_text(trial) -> str:
     return text or "error"
 
 
-class MLflowTrialLogger(LoggerCallback):
-    _SETTINGS = ("tracking_uri", "experiment_id", "parent_run_id", "sweep", "dataset", "role", "epochs")
+class MLflowTrialLogger(store.Writer, LoggerCallback):
+    _SETTINGS = ("uri", "experiment_id", "parent_run_id", "sweep", "dataset", "role", "epochs")
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, dataset: str,
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: str, dataset: str,
                  role: str, epochs: int):
-        self.tracking_uri = tracking_uri
+        self.uri = uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep = sweep
@@ -82,8 +81,7 @@ class MLflowTrialLogger(LoggerCallback):
         self._reset()
 
     def _reset(self) -> None:
-        self._client = None
-        self.outbox = Outbox(redact(self.tracking_uri), store.is_transient)
+        super()._reset()
         self._runs: dict[str, str] = {}          # trial id -> run id (once its opening call was sent)
         self._trials: dict[str, Any] = {}        # trial id -> trial, once its run's opening call is queued
         self._ended: set[str] = set()
@@ -91,19 +89,6 @@ class MLflowTrialLogger(LoggerCallback):
         self._on_server: dict[str, set[int]] = {}   # trial id -> epochs the run held when found
         self._nodes: dict[str, list[str]] = {}
         self._last: dict[str, dict] = {}         # trial id -> its last result
-
-    def __getstate__(self) -> dict:
-        return {k: self.__dict__[k] for k in self._SETTINGS}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({k: state[k] for k in self._SETTINGS})
-        self._reset()
-
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = store.client(self.tracking_uri)
-        return self._client
 
     # -- the three hooks -------------------------------------------------
     def log_trial_start(self, trial) -> None:

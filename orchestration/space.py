@@ -444,17 +444,12 @@ def _convert(value: Any, typ: Any, key: str, source: str) -> Any:
         if not isinstance(value, str):
             bad("write a string")
         return value
-    if typ == "list[str]":
-        if isinstance(value, str):
+    if typ in ("list[str]", "list[bool]"):
+        kind, what = (str, "names") if typ == "list[str]" else (bool, "true/false")
+        if isinstance(value, kind):
             value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            bad("write a list of names")
-        return list(value)
-    if typ == "list[bool]":
-        if isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, bool) for v in value):
-            bad("write a list of true/false")
+        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+            bad(f"write a list of {what}")
         return list(value)
     if typ == "list[float]":
         if not isinstance(value, list):

@@ -10,6 +10,8 @@
   experiment and parent run, found by their tags (never duplicated).
 * `is_transient`: whether a failed call may succeed later (the store down, not
   a refusal), which `orchestration.outbox` retries.
+* `Writer`: the base of the driver's writers (trial runs, reuse tags): an
+  outbox and a client made on first use, pickled as its settings only.
 
 Messages name the store through `redact`: no credentials are printed.
 """
@@ -157,6 +159,37 @@ def client(uri: str):
         # MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends: not with credentials in it
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri)
+
+
+class Writer:
+    """Writes to the store at `self.uri` through an outbox (see `orchestration.outbox`).
+
+    Tune saves its callbacks and searchers with the experiment, so a writer is pickled as its
+    `_SETTINGS` only; `_reset` (extended by subclasses for their own state) makes the rest anew, and
+    the client is made on first use, in whichever process that is.
+    """
+
+    _SETTINGS: tuple[str, ...] = ("uri",)
+    uri: str
+
+    def _reset(self) -> None:
+        from orchestration.outbox import Outbox
+
+        self._client = None
+        self.outbox = Outbox(redact(self.uri), is_transient)
+
+    def __getstate__(self) -> dict:
+        return {k: self.__dict__[k] for k in self._SETTINGS}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({k: state[k] for k in self._SETTINGS})
+        self._reset()
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
 
 
 def is_transient(err: BaseException) -> bool:

@@ -157,18 +157,11 @@ class TrainConfig:
         def bad(name: str, why: str) -> None:
             raise ConfigError(f"invalid {name}={getattr(self, name)!r}: {why}")
 
-        if self.scheme not in SCHEMES:
-            bad("scheme", f"choose one of {', '.join(SCHEMES)}")
-        if self.mode not in MODES:
-            bad("mode", f"choose one of {', '.join(MODES)}")
-        if self.precision not in PRECISIONS:
-            bad("precision", f"choose one of {', '.join(PRECISIONS)}")
-        if self.image_cache not in IMAGE_CACHES:
-            bad("image_cache", f"choose one of {', '.join(IMAGE_CACHES)}")
-        if self.image_decode not in IMAGE_DECODERS:
-            bad("image_decode", f"choose one of {', '.join(IMAGE_DECODERS)}")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
+        for name, choices in (("scheme", SCHEMES), ("mode", MODES), ("precision", PRECISIONS),
+                              ("image_cache", IMAGE_CACHES), ("image_decode", IMAGE_DECODERS),
+                              ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in choices:
+                bad(name, f"choose one of {', '.join(choices)}")
         if self.arch not in ("resnet50", "smallcnn"):
             bad("arch", "choose resnet50 or smallcnn")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
