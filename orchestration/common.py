@@ -11,6 +11,8 @@ Every other module of the package may import this one; it imports none of them.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Any
 
 from wsml.errors import WSMLError
 
@@ -48,8 +50,15 @@ TAG_MODE = "wsml.mode"
 TAG_SEED = "wsml.seed"
 TAG_TRIAL_ID = "wsml.trial_id"
 TAG_SWEEP = "wsml.sweep"            # the sweep's name (also the experiment's name)
+# The identity of the data a run trained and was scored on (`wsml.data.loading.data_id`): a tag of every
+# sweep, trial and final run, and the param `data_fingerprint`. Results of other data are never reused
+# (`orchestration.known`) nor averaged together (`orchestration.aggregate`); "" : not recorded.
+TAG_DATA = "wsml.data"
+PARAM_DATA = "data_fingerprint"
 TAG_STATUS_REASON = "wsml.end_reason"   # "completed", "asha_stopped", "stop_drop", "failed: <why>", "interrupted"
 TAG_PARENT = "mlflow.parentRunId"
+# The experiment's kind for MLflow 3's UI (its own tag and value, read from its JavaScript): model training.
+TAG_EXPERIMENT_KIND, KIND_MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # Diagnostics (not read by the aggregation).
 TAG_RESUMED = "wsml.resumed"        # the sweep run: how often it was continued with --resume
 TAG_NODE = "wsml.node_id"           # node of the trial's latest attempt
@@ -73,6 +82,8 @@ MODIFIED_FRAC = "modified_frac"
 MODIFIED_TRUE_POS_FRAC = "modified_true_pos_frac"
 CLEAN_RATE = "clean_rate"
 EPOCH_SECONDS = "epoch_seconds"
+# LinearInit, epoch 1 only: share of the head's logits past +-10 at the switch to fine-tuning (wsml.train's guard)
+LINEAR_INIT_SATURATED_FRAC = "linear_init_saturated_frac"
 
 # Final metrics of a run.
 TEST_MAP = "test_map"
@@ -86,26 +97,122 @@ REUSED_PROPOSALS = "reused_proposals"   # the sweep run: proposals answered from
 ESTIMATE_PREFIX = "estimate."
 
 
+# ------------------------------------------------------- a trial's report
+# Keys of the dict a trial reports after each epoch (`orchestration.trainable`), besides the trainer's
+# metrics; read by the searcher, the schedulers, the MLflow logger, the progress lines and the final stage.
+EPOCH = "epoch"                     # epochs finished (Tune's time attribute for ASHA)
+TEST_MAP_AT_BEST = "test_map_at_best"
+TRIAL_ERROR = "wsml_error"          # a deterministic failure: the trial ended with this reason, not retried
+TRAINER_STOP = "trainer_stop"       # 1.0 when the trainer's own stop rule (stop_drop) fired
+TRAIN_SECONDS = "train_seconds"
+GPU_SECONDS = "gpu_seconds"
+
+# How a trial ended (tag `wsml.end_reason`).
+COMPLETED, STOP_DROP, ASHA_STOPPED, STOPPED = "completed", "stop_drop", "asha_stopped", "stopped"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended: its MLflow status and `wsml.end_reason`."""
+
+    status: str            # "FINISHED" or "FAILED"
+    reason: str            # COMPLETED, STOP_DROP, ASHA_STOPPED, STOPPED or "failed: <why>"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "FAILED"
+
+    @property
+    def complete(self) -> bool:
+        """The trial ran as far as it would ever run: all its epochs, or the trainer's own stop rule."""
+        return self.reason in (COMPLETED, STOP_DROP)
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.reason in (ASHA_STOPPED, STOP_DROP, STOPPED)
+
+
+def trial_outcome(last: dict[str, Any] | None, epochs: int, role: str) -> Outcome:
+    """How a trial that Tune ended without an error ended, from its last report (`role`: a search trial
+    is stopped by ASHA, a final run by the sweep)."""
+    last = last or {}
+    if last.get(TRIAL_ERROR):
+        return Outcome("FAILED", f"failed: {last[TRIAL_ERROR]}")
+    if int(last.get(EPOCH, 0) or 0) >= epochs:
+        return Outcome("FINISHED", COMPLETED)
+    if last.get(TRAINER_STOP):
+        return Outcome("FINISHED", STOP_DROP)     # the published code's rule: val mAP fell too far below its best
+    return Outcome("FINISHED", ASHA_STOPPED if role == ROLE_TRIAL else STOPPED)
+
+
 def method_name(scheme: str, boostlu_alpha: float | None) -> str:
     """A table row's name: the scheme, with " + BoostLU" when the BoostLU head is on (as the BoostLU paper)."""
     return f"{scheme} + BoostLU" if boostlu_alpha is not None else scheme
 
 
 # -------------------------------------------------------------- redaction
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_SECRET_QUERY = re.compile(r"(?P<key>[?&;](?:[a-z0-9_.-]*(?:token|secret|password|passwd|pwd|key|signature|"
-                           r"credential|auth)[a-z0-9_.-]*))=[^&;\s]*", re.IGNORECASE)
-_SECRET_OPTION = re.compile(r"(?P<key>--?[a-z0-9_-]*(?:token|secret|password|passwd|credential)[a-z0-9_-]*)"
+# A URI's userinfo: everything from `scheme://` to its last `@` before the path's query or the next
+# blank (a password may hold `@`; an AWS secret may hold `/`, which pyarrow accepts unescaped).
+_URI_TOKEN = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s?#\"'<>]*)")
+_HOST_PORT_PATH = re.compile(r"^[^:/@]*:\d*/")     # host:port/...: a ':' that is no password
+_SECRET_NAME = r"(?:token|secret|password|passwd|pwd|key|signature|credential|auth)"
+_SECRET_QUERY = re.compile(rf"(?P<key>[?&;](?:sig|[a-z0-9_.-]*{_SECRET_NAME}[a-z0-9_.-]*))=[^&;\s\"']*",
+                           re.IGNORECASE)     # sig: Azure's SAS signature
+_SECRET_OPTION = re.compile(r"(?P<key>(?<!\S)--?[a-z0-9_-]*(?:token|secret|password|passwd|credential)[a-z0-9_-]*)"
                             r"(?P<sep>[= ])\S+", re.IGNORECASE)
+# NAME=value and 'NAME': 'value' of secret-looking names (environment variables, a runtime env's repr)
+_SECRET_ASSIGN = re.compile(r"(?P<key>(?<![\w?&;/-])[a-z_][a-z0-9_]*(?:secret|password|passwd|token|access_key|"
+                            r"credential|api_key)[a-z0-9_]*)=(?!\*\*\*)\S+", re.IGNORECASE)
+_SECRET_ITEM = re.compile(r"(?P<key>([\"'])[a-z0-9_]*(?:secret|password|passwd|token|access_key|credential|"
+                          r"api_key)[a-z0-9_]*\2\s*:\s*)([\"'])(?:(?!\3).)*\3", re.IGNORECASE)
 MAX_LINE = 500       # an error line longer than this is cut (a line that quotes a whole file helps nobody)
 
 
+def _userinfo_end(rest: str) -> int:
+    """Where the userinfo of a URI (after `scheme://`) ends (the index of its `@`), or -1 for none."""
+    for at in [i for i, c in enumerate(rest) if c == "@"][::-1]:
+        before = rest[:at]
+        if "/" not in before or (":" in before and not _HOST_PORT_PATH.match(before)):
+            return at
+    return -1
+
+
+def _mask_userinfo(m: re.Match) -> str:
+    rest = m.group("rest")
+    at = _userinfo_end(rest)
+    return m.group(0) if at < 0 else m.group("scheme") + "***" + rest[at:]
+
+
 def redact(text: str) -> str:
-    """`text` with credentials masked: `user:password@` in URIs, secret-looking query
-    parameters (`?token=...`) and options (`--password ...`)."""
-    text = _USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
+    """`text` with credentials masked: the userinfo of URIs (`user:password@`, also with `@` or `/`
+    in the password), secret-looking query parameters (`?token=...`, `X-Amz-Signature=`, Azure's
+    `sig=`), options (`--password ...`) and assignments (`AWS_SECRET_ACCESS_KEY=...`, `'...TOKEN': '...'`)."""
+    text = _URI_TOKEN.sub(_mask_userinfo, text)
     text = _SECRET_QUERY.sub(lambda m: m.group("key") + "=***", text)
-    return _SECRET_OPTION.sub(lambda m: m.group("key") + m.group("sep") + "***", text)
+    text = _SECRET_OPTION.sub(lambda m: m.group("key") + m.group("sep") + "***", text)
+    text = _SECRET_ASSIGN.sub(lambda m: m.group("key") + "=***", text)
+    return _SECRET_ITEM.sub(lambda m: m.group("key") + m.group(3) + "***" + m.group(3), text)
+
+
+def has_secret(text: str) -> bool:
+    """Whether `redact` would mask anything in `text`."""
+    return redact(text) != text
+
+
+def split_userinfo(uri: str) -> tuple[str | None, str]:
+    """(the userinfo of a URI or None, the URI without it), by `redact`'s reading of a URI."""
+    m = _URI_TOKEN.match(uri)
+    at = _userinfo_end(m.group("rest")) if m is not None else -1
+    if m is None or at < 0:
+        return None, uri
+    return m.group("rest")[:at], m.group("scheme") + uri[m.start("rest") + at + 1:]
+
+
+def carries_credentials(uri: str) -> bool:
+    """Whether a URI holds a password (`user:password@`) or a secret query parameter. A user name alone
+    is none: `abfs://container@account...` names a container."""
+    userinfo, _ = split_userinfo(uri)
+    return (userinfo is not None and ":" in userinfo) or _SECRET_QUERY.search(uri) is not None
 
 
 def first_line(err: BaseException | str, *, last: bool = False) -> str:

@@ -17,8 +17,11 @@
 * the final stage: every group's best configuration, `final_seeds` seeds, all
   epochs;
 * time per trial from `orchestration.throughput` and wall time with `slots`
-  trials at once (the trials are taken to keep every slot busy; starting
-  nodes, loading data and building the image cache are not counted).
+  trials at once: the search, then the final stage, each trial plus its
+  start-up (`TRIAL_STARTUP_S`: Tune placing it, the trainable loading its data
+  and building its model, before its first epoch); the trials are taken to
+  keep every slot busy (starting nodes and building the image cache are not
+  counted).
 """
 from __future__ import annotations
 
@@ -30,8 +33,18 @@ import numpy as np
 
 from wsml.config import TrainConfig
 
-from orchestration import per_scheme, throughput
+from orchestration import per_scheme, prices, throughput
 from orchestration.common import ESTIMATE_PREFIX, SweepError, method_name
+
+# Seconds per trial outside its epochs (Tune placing it, the trainable's imports, data and model, checkpoint
+# writes), measured on the demo (search_spaces/digits-demo.yaml, 2 cores, 8 search trials + 12 final runs, 2 at
+# once): it spent 143 s where this estimate without start-up said 103 s (final stage included), 40 s over 10
+# trials per slot = 4.0 s each. Where it goes, from a demo's trial logs (Ray's result.json; a machine ~15x
+# loaded, so in epochs' time): a worker's first trial spent 2.4-2.7 epochs' time before its first epoch
+# (4.5-5.0 s at the estimate's 1.84 s per epoch), a later trial on the same worker 0.05-0.2, and Tune took
+# about 1 s from one trial's end to the next one's start. A CPU figure: a GPU trial's start-up (CUDA context,
+# image cache) is longer and not measured yet.
+TRIAL_STARTUP_S = 4.0
 
 # Official split sizes (images), for data sets not prepared yet: (train, val) as the published layout
 # calls them, i.e. the official train split (of which val_frac goes to validation) and the official
@@ -60,9 +73,9 @@ class DataSizes:
 def official_sizes(dataset: str) -> tuple[int, int, str]:
     from wsml.data.prepare import OFFICIAL_COUNTS
 
-    counts = OFFICIAL_COUNTS.get(dataset)
-    if counts is not None and counts[1] is not None:
-        return counts[1], counts[2], f"{dataset}'s official split sizes (wsml.data.prepare.OFFICIAL_COUNTS)"
+    _, train, test = OFFICIAL_COUNTS.get(dataset, (0, None, None))
+    if train is not None and test is not None:
+        return train, test, f"{dataset}'s official split sizes (wsml.data.prepare.OFFICIAL_COUNTS)"
     return _OFFICIAL_EXTRA[dataset]
 
 
@@ -160,11 +173,17 @@ class Estimate:
     slots_note: str
     final_runs: int
     linear_init_images: int = 0     # LinearInit: one feature pass over train + val (cached for every trial)
+    keep_checkpoints: int = 2       # per run (the space file's)
+    startup_s: float = TRIAL_STARTUP_S      # per trial, before its first epoch
     notes: list[str] = field(default_factory=list)
 
     @property
     def trials(self) -> int:
         return sum(g.trials for g in self.groups)
+
+    @property
+    def trials_with_finals(self) -> int:
+        return self.trials + self.final_runs
 
     @property
     def search_epochs_most(self) -> int:
@@ -197,9 +216,11 @@ class Estimate:
 
     @property
     def wall_seconds(self) -> float:
-        """Search, then final stage, each keeping `slots` trials busy (never shorter than one whole trial)."""
-        full_trial = self.epochs * self.epoch_seconds
-        search = max(self.search_epochs_expected * self.epoch_seconds / self.slots, full_trial)
+        """Search, then final stage, each keeping `slots` trials busy (never shorter than one whole trial),
+        every trial with its start-up (`startup_s`)."""
+        full_trial = self.epochs * self.epoch_seconds + self.startup_s
+        search = max((self.search_epochs_expected * self.epoch_seconds + self.trials * self.startup_s) / self.slots,
+                     full_trial)
         final = math.ceil(self.final_runs / self.slots) * full_trial if self.final_runs else 0.0
         return search + final + self.linear_init_images / self.rate.evaluate
 
@@ -243,7 +264,9 @@ class Estimate:
             out.append(f"estimate: {hours:,.3f} trial-hours on CPU cores (no GPU)")
         w = self.wall_seconds
         out.append(f"estimate: wall time {w:,.0f} s ({_human(w)}) with {self.slots} trial(s) at once "
-                   f"({self.slots_note})")
+                   f"({self.slots_note}): search and final stage, {self.startup_s:g} s start-up per trial")
+        if gpu:
+            out += prices.cost_lines(self, self.keep_checkpoints)
         out += [f"note: {n}" for n in self.notes]
         return out
 
@@ -274,7 +297,8 @@ def estimate(space, data: DataSizes, rate: throughput.Rate, slots: int, slots_no
                     data=data, rate=rate, slots=slots,
                     gpus_per_trial=space.resources.gpus_per_trial if gpus_per_trial is None else gpus_per_trial,
                     slots_note=slots_note, final_runs=len(groups_) * space.final_seeds,
-                    linear_init_images=(data.train + data.val) if linear else 0, notes=list(notes or []))
+                    linear_init_images=(data.train + data.val) if linear else 0, notes=list(notes or []),
+                    keep_checkpoints=space.keep_checkpoints)
 
 
 def for_resources(space, data_root: str | None, *, cpus_per_trial: float, gpus_per_trial: float,
@@ -286,6 +310,7 @@ def for_resources(space, data_root: str | None, *, cpus_per_trial: float, gpus_p
     notes: list[str] = []
     data = data_sizes(space.dataset, data_root, space.train)
     cfg = TrainConfig.from_dict({"dataset": space.dataset, **space.train}).resolve()
+    assert cfg.arch is not None and cfg.image_size is not None      # resolve() fills them in
     if gpus_per_trial > 0:
         gpu = gpu_type
         if gpu is None and gpu_name:

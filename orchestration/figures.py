@@ -20,24 +20,24 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
 
-from orchestration import common as T  # noqa: E402
-from orchestration import paper  # noqa: E402
-from orchestration.common import safe_name  # noqa: E402
+from orchestration import common as T
+from orchestration import paper
+from orchestration.common import safe_name
 
 History = Callable[[str, str], list[tuple[int, float]]]
 
 # One fixed colour per scheme, the same in every figure.
-_PALETTE = plt.get_cmap("tab10").colors
+_PALETTE = tuple(matplotlib.color_sequences["tab10"])     # the colours of the tab10 colormap
 SCHEME_COLORS = {s: _PALETTE[i] for i, s in enumerate(paper.METHODS)}
 STOP_MARKERS = {"asha_stopped": ("x", "stopped by ASHA"),
                 "stop_drop": ("v", "stopped: val mAP dropped"),

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from orchestration import trial as trial_config
-from orchestration.common import first_line
+from orchestration.common import TEST_MAP_AT_BEST, TRIAL_ERROR, first_line
 
 ROW_COLUMNS = ["trial_id", "method", "scheme", "mode", "delta_rel", "lr", "seed", "epochs_run", "best_val_map",
                "best_epoch", "test_map", "error", "config"]
@@ -31,8 +31,8 @@ def result_rows(results) -> pd.DataFrame:
             "trial_id": m.get("trial_id"), "method": point.method, "scheme": point.scheme, "mode": point.mode,
             "delta_rel": point.values.get("delta_rel", math.nan), "lr": point.values.get("lr", math.nan),
             "seed": point.seed, "epochs_run": m.get("epoch"), "best_val_map": m.get("best_val_map"),
-            "best_epoch": m.get("best_epoch"), "test_map": m.get("test_map_at_best"),
-            "error": first_line(str(r.error), last=True) if r.error else (m.get("wsml_error") or ""),
+            "best_epoch": m.get("best_epoch"), "test_map": m.get(TEST_MAP_AT_BEST),
+            "error": first_line(str(r.error), last=True) if r.error else (m.get(TRIAL_ERROR) or ""),
             "config": config,
         })
     return pd.DataFrame(rows, columns=ROW_COLUMNS)

@@ -3,6 +3,12 @@
 
     python -m orchestration.gpu_check       # a node's set-up: exit 1 with that line when it has an NVIDIA
                                             # GPU that torch cannot use; exit 0 otherwise (CPU nodes too)
+    python -m orchestration.gpu_check --gpus-per-trial N
+                                            # a SLURM job's node, before Ray starts (cluster.slurm.sh): the
+                                            # node, its driver (nvidia-smi) and torch's CUDA in one line; exit 1
+                                            # when trials use GPUs and the driver is too old for torch's build
+                                            # (the TORCH_CUDA build that fits, scripts/setup.sh), or there is
+                                            # no driver or no CUDA device
 
 torch's CUDA 13 wheels (requirements.txt) need an NVIDIA driver 580 or newer.
 With an older driver, or none, `torch.cuda.is_available()` is False and
@@ -15,6 +21,8 @@ then terminates the node and, while trials still wait, starts another one.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -31,6 +39,9 @@ class NoCudaError(RuntimeError):
 # The oldest driver each CUDA major version of torch's wheels runs on (NVIDIA's CUDA release notes,
 # "minimum required driver version" for Linux; minor-version compatibility).
 MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+# scripts/setup.sh's TORCH_CUDA builds, newest first: (build, the driver its toolkit ships with, so every feature
+# works: CUDA 13.0 GA 580.65.06, 12.8 GA 570.26, 12.6 GA 560.28.03 in NVIDIA's CUDA toolkit release notes)
+TORCH_BUILDS = (("cu130", 580), ("cu128", 570), ("cu126", 560))
 NVIDIA_PCI_VENDOR = "0x10de"
 PCI_DISPLAY_CLASS = "0x03"         # VGA and 3D controllers: the GPUs (not NVSwitches or audio functions)
 
@@ -67,6 +78,23 @@ def required_driver(torch_cuda: str | None) -> int | None:
     return MIN_DRIVER.get(int(torch_cuda.split(".")[0]))
 
 
+def build_for(driver: str) -> str | None:
+    """The TORCH_CUDA build for a driver: the newest whose toolkit's driver it has, else the oldest it runs
+    with minor-version compatibility (MIN_DRIVER); None when it is older than every build needs."""
+    major = int(driver.split(".")[0])
+    for build, full in TORCH_BUILDS:
+        if major >= full:
+            return build
+    build = TORCH_BUILDS[-1][0]
+    return build if major >= MIN_DRIVER[int(build[2:4])] else None
+
+
+def _rebuild(driver: str) -> str:
+    build = build_for(driver)
+    return (f"on the login node, rebuild the venv for it: TORCH_CUDA={build} bash scripts/setup.sh" if build
+            else f"ask for nodes with a driver >= {MIN_DRIVER[12]}")
+
+
 def problem(node: str, *, driver: str | None, torch_cuda: str | None, torch_version: str) -> str:
     """The one line for a node where torch sees no CUDA device: what is there, and the fix."""
     need = required_driver(torch_cuda)
@@ -75,7 +103,8 @@ def problem(node: str, *, driver: str | None, torch_cuda: str | None, torch_vers
     elif driver is None:
         fix = f"install an NVIDIA driver >= {need or 'the one torch needs'} (the cluster's GPU AMI has one)"
     elif need is not None and int(driver.split(".")[0]) < need:
-        fix = f"a driver >= {need} for torch's CUDA {torch_cuda.split('.')[0]} wheels (a newer GPU AMI)"
+        fix = (f"a driver >= {need} for torch's CUDA {torch_cuda.split('.')[0]} wheels (a newer GPU AMI), or "
+               f"torch built for this driver ({_rebuild(driver)})")
     else:
         fix = "check the GPUs with nvidia-smi (CUDA_VISIBLE_DEVICES, a failed GPU)"
     return (f"no CUDA device on node {node} for a trial that asked for a GPU: NVIDIA driver "
@@ -98,14 +127,42 @@ def check(ray_node_id: str | None = None) -> str | None:
                    torch_version=torch.__version__)
 
 
-def main() -> int:
+def job_node(gpus_per_trial: float) -> tuple[bool, str]:
+    """A SLURM job's node before Ray starts: (fits, one line). Trials that use no GPU fit any driver; trials
+    that use GPUs need a driver (nvidia-smi) that torch's CUDA build runs on, and a CUDA device."""
+    import torch
+
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    driver, cuda = driver_version(), torch.version.cuda
+    need = required_driver(cuda)
+    what = (f"node {node}: NVIDIA driver {driver or 'none'}, torch {torch.__version__} built for CUDA "
+            f"{cuda or 'none (CPU build)'}")
+    if gpus_per_trial <= 0:
+        return True, f"{what}; the trials use no GPU"
+    if driver is not None and need is not None and int(driver.split(".")[0]) < need:
+        return False, (f"{what}, which needs a driver >= {need}: the driver is too old for torch's build; fix: "
+                       f"{_rebuild(driver)}, or pass --gpus-per-trial 0 to train on CPUs")
+    if not torch.cuda.is_available():
+        return False, problem(node, driver=driver, torch_cuda=cuda, torch_version=torch.__version__)
+    return True, f"{what}; {torch.cuda.device_count()} CUDA device(s) ({torch.cuda.get_device_name(0)})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m orchestration.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus-per-trial", type=float,
+                   help="a SLURM job's check of its node: the GPUs each trial uses (0: CPU trials)")
+    args = p.parse_args(argv)
+    if args.gpus_per_trial is not None:
+        fits, line = job_node(args.gpus_per_trial)
+        print(f"gpu check: {line}" if fits else f"error: gpu check: {line}", file=sys.stdout if fits else sys.stderr)
+        return 0 if fits else 1
     gpus = nvidia_gpus()
     if gpus == 0:
         print("gpu check: no NVIDIA GPU on this node: nothing to check")
         return 0
-    line = check()
-    if line is not None:
-        print(f"error: gpu check: {gpus} NVIDIA GPU(s) but {line}", file=sys.stderr)
+    problem_line = check()
+    if problem_line is not None:
+        print(f"error: gpu check: {gpus} NVIDIA GPU(s) but {problem_line}", file=sys.stderr)
         return 1
     import torch
 

@@ -6,10 +6,14 @@ values, its validation mAP per epoch and how it ended. A sweep knows
 * its own finished trials (`orchestration.per_scheme.PerSchemeSearch` records
   them as Tune reports them), and
 * with `--warm-start NAME[,NAME]` or `auto`, the finished trials of earlier
-  sweeps of the same data set in the MLflow store (`load`), kept only where the
-  whole training config is this sweep's (the same fixed settings and seed; the
-  epochs, the device and where things live may differ) and the searched values
-  lie inside this sweep's space.
+  sweeps of the same data set in the MLflow store (`load`), kept only where
+  they were trained on the same data (the identity `wsml.data`, logged with
+  every run: the same data set name prepared with other labels, another
+  split or other observed labels is other data; a run without it, logged
+  before it was recorded, is never reused), the whole training config is
+  this sweep's (the same fixed settings and seed; the epochs, the device and
+  where things live may differ) and the searched values lie inside this
+  sweep's space.
 
 A configuration counts as trained when its run ended `completed` (all its
 epochs), `stop_drop` (the trainer's own stop rule: training it again stops at
@@ -27,8 +31,8 @@ runs are never reused.
 """
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,15 +40,23 @@ from wsml.config import RESUME_FREE
 
 from orchestration import store
 from orchestration import trial as trial_config
+from orchestration.common import (ASHA_STOPPED, COMPLETED, EPOCHS_RUN, PARAM_DATA, REUSED_PROPOSALS, ROLE_FINAL,
+                                  ROLE_TRIAL, STOP_DROP, TAG_DATA, TAG_DATASET, TAG_REUSED, TAG_REUSED_BY, TAG_ROLE,
+                                  TAG_STATUS_REASON, TAG_SWEEP, TAG_TRIAL_ID, TEST_MAP, TEST_MAP_AT_BEST, VAL_MAP,
+                                  SweepError, first_line, method_name, redact)
 from orchestration.space import Group
-from orchestration.common import (EPOCHS_RUN, REUSED_PROPOSALS, ROLE_FINAL, ROLE_TRIAL, TAG_DATASET, TAG_REUSED,
-                                  TAG_REUSED_BY, TAG_ROLE, TAG_STATUS_REASON, TAG_SWEEP, TAG_TRIAL_ID, TEST_MAP,
-                                  VAL_MAP, SweepError, first_line, method_name, redact)
 
-REUSABLE_ENDS = ("completed", "stop_drop", "asha_stopped")
+log = logging.getLogger(__name__)
+
+REUSABLE_ENDS = (COMPLETED, STOP_DROP, ASHA_STOPPED)
 # Params that may differ between runs of the same configuration: where and how fast it ran, how many
-# epochs (compared on their own), and the search trial a final run reran.
-_FREE = set(RESUME_FREE) | {"source_trial"}
+# epochs (compared on their own), the search trial a final run reran, and the data (compared on its own).
+_FREE = set(RESUME_FREE) | {"source_trial", PARAM_DATA}
+
+
+def data_of(tags: dict[str, str], params: dict[str, str]) -> str:
+    """The identity of the data a run was trained on ("" : not recorded)."""
+    return tags.get(TAG_DATA) or params.get(PARAM_DATA) or ""
 
 
 def key(values: dict[str, Any]) -> tuple:
@@ -54,12 +66,12 @@ def key(values: dict[str, Any]) -> tuple:
 
 def group_of(values: dict[str, Any]) -> Group:
     """The group of a configuration's searched values (trainer names)."""
-    return Group(values.get("scheme"), values.get("mode", "end-to-end"), values.get("boostlu_alpha") is not None)
+    return Group(values.get("scheme") or "", values.get("mode", "end-to-end"), values.get("boostlu_alpha") is not None)
 
 
 def searched_values(config: dict[str, Any]) -> dict[str, Any]:
     """The searched values of a trial config or a proposal, in the trainer's names."""
-    v = trial_config.merged(config)
+    v = trial_config.Trial.parse(config).values
     return {k: v[k] for k in trial_config.SEARCHED if v.get(k) is not None}
 
 
@@ -98,7 +110,7 @@ class Known:
         where = f"{self.sweep}/" if self.sweep else ""
         return f"{where}{self.trial_id}" if self.trial_id else where.rstrip("/")
 
-    def better_than(self, other: "Known | None") -> bool:
+    def better_than(self, other: Known | None) -> bool:
         return other is None or (self.complete, self.reusable, self.epochs) > (other.complete, other.reusable,
                                                                               other.epochs)
 
@@ -202,8 +214,14 @@ def _sweeps(c, dataset: str, names, current: str) -> list[tuple[str, str]]:
 
 
 def load(uri: str, names, space, base: dict[str, Any], current: str) -> WarmStart:
-    """The reusable records of the sweeps `names` ("auto": every other sweep of the data set) in the store."""
+    """The reusable records of the sweeps `names` ("auto": every other sweep of the data set) in the store,
+    trained on the data of `base` (its `wsml_data`)."""
     from mlflow.entities import ViewType
+
+    data = trial_config.Trial.parse(base).data_id
+    if not data:
+        raise SweepError("--warm-start needs the identity of this sweep's data: run the sweep where its data set "
+                         "is, or drop --warm-start")
 
     path = store.local_path(uri)
     if path is not None and not path.exists():
@@ -239,7 +257,11 @@ def load(uri: str, names, space, base: dict[str, Any], current: str) -> WarmStar
             if not _in_space(space, values):
                 skip("outside this space")
                 continue
-            if not _same_config(r.data.params, trial_config.params({**base, **values})):
+            trained_on = data_of(r.data.tags, r.data.params)
+            if trained_on != data:
+                skip("trained on other data" if trained_on else "trained on data not recorded")
+                continue
+            if not _same_config(r.data.params, trial_config.Trial.parse({**base, **values}).params()):
                 skip("other fixed settings or seed")
                 continue
             curve = [(int(m.step), float(m.value)) for m in c.get_metric_history(r.info.run_id, VAL_MAP)]
@@ -249,11 +271,11 @@ def load(uri: str, names, space, base: dict[str, Any], current: str) -> WarmStar
                 skip("no epochs logged")
                 continue
             cut = [(e, v) for e, v in curve if e <= space.epochs]
-            complete = trained >= space.epochs or reason == "stop_drop"
+            complete = trained >= space.epochs or reason == STOP_DROP
             # completed with fewer epochs than this sweep's: a smaller budget, not a verdict (trained again)
-            reusable = complete or reason == "asha_stopped"
+            reusable = complete or reason == ASHA_STOPPED
             tests = {int(m.step): float(m.value)
-                     for m in c.get_metric_history(r.info.run_id, "test_map_at_best") if int(m.step) <= space.epochs}
+                     for m in c.get_metric_history(r.info.run_id, TEST_MAP_AT_BEST) if int(m.step) <= space.epochs}
             if not tests and TEST_MAP in r.data.metrics and trained <= space.epochs:
                 tests = {trained: float(r.data.metrics[TEST_MAP])}
             rec = Known(group=group_of(values), values=values, curve=cut,
@@ -316,7 +338,7 @@ class ReuseMarker(store.Writer):
             found = store.find_runs(c, self.experiment_id, **{TAG_SWEEP: self.sweep, TAG_ROLE: ROLE_TRIAL,
                                                               TAG_TRIAL_ID: record.trial_id})
             if not found:
-                print(f"warning: no MLflow run of trial {record.trial_id} to mark as reused", file=sys.stderr)
+                log.warning("warning: no MLflow run of trial %s to mark as reused", record.trial_id)
                 return
             run_id = found[0].info.run_id
         if run_id not in self._before:

@@ -24,36 +24,25 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 from ray.tune.logger import LoggerCallback
 
 from orchestration import store
 from orchestration import trial as trial_config
 from orchestration.common import (BEST_EPOCH, BEST_VAL_MAP, CLEAN_RATE, EPOCH_SECONDS, EPOCHS_RUN, GPU_HOURS,
-                                  MODIFIED_FRAC, MODIFIED_TRUE_POS_FRAC, ROLE_TRIAL, TAG_DATASET, TAG_DEVICE,
-                                  TAG_FAILURES, TAG_METHOD, TAG_MODE, TAG_NODE, TAG_NODES, TAG_PARENT, TAG_RESTORED_FROM,
-                                  TAG_ROLE, TAG_SCHEME, TAG_SEED, TAG_SOURCE_TRIAL, TAG_STARTED_OVER,
-                                  TAG_STATUS_REASON, TAG_SWEEP, TAG_TRIAL_ID, TEST_MAP, TRAIN_HOURS, TRAIN_LOSS,
-                                  VAL_MAP, first_line)
+                                  LINEAR_INIT_SATURATED_FRAC, MODIFIED_FRAC, MODIFIED_TRUE_POS_FRAC, TAG_DATA,
+                                  TAG_DATASET, TAG_DEVICE, TAG_FAILURES, TAG_METHOD, TAG_MODE, TAG_NODE, TAG_NODES,
+                                  TAG_PARENT, TAG_RESTORED_FROM, TAG_ROLE, TAG_SCHEME, TAG_SEED, TAG_SOURCE_TRIAL,
+                                  TAG_STARTED_OVER, TAG_STATUS_REASON, TAG_SWEEP, TAG_TRIAL_ID, TEST_MAP,
+                                  TEST_MAP_AT_BEST, TRAIN_HOURS, TRAIN_LOSS, VAL_MAP, first_line, trial_outcome)
 
 EPOCH_METRICS = (VAL_MAP, TRAIN_LOSS, MODIFIED_FRAC, MODIFIED_TRUE_POS_FRAC, CLEAN_RATE, EPOCH_SECONDS,
-                 BEST_VAL_MAP, "test_map_at_best", "images_per_s")
+                 BEST_VAL_MAP, TEST_MAP_AT_BEST, "images_per_s", LINEAR_INIT_SATURATED_FRAC)
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def end_reason(last: dict[str, Any], epochs: int, role: str) -> tuple[str, str]:
-    """(status, wsml.end_reason) of a trial that ended without an error, from its last result."""
-    if last.get("wsml_error"):
-        return "FAILED", f"failed: {last['wsml_error']}"
-    if int(last.get("epoch", 0) or 0) >= epochs:
-        return "FINISHED", "completed"
-    if last.get("trainer_stop"):
-        return "FINISHED", "stop_drop"      # the published code's rule: val mAP fell too far below its best
-    return "FINISHED", "asha_stopped" if role == ROLE_TRIAL else "stopped"
 
 
 def _error_text(trial) -> str:
@@ -134,7 +123,8 @@ class MLflowTrialLogger(store.Writer, LoggerCallback):
         if failed:
             status, reason = "FAILED", "failed: " + first_line(_error_text(trial), last=True)
         else:
-            status, reason = end_reason(last, self.epochs, self.role)
+            outcome = trial_outcome(last, self.epochs, self.role)
+            status, reason = outcome.status, outcome.reason
         self._end(trial, status, reason, last)
 
     # -- the driver's side ---------------------------------------------------
@@ -161,6 +151,7 @@ class MLflowTrialLogger(store.Writer, LoggerCallback):
         from mlflow.entities import Param
 
         c = self.client
+        trial_ = trial_config.Trial.parse(config)      # parsed once: its tags and its params
         found = store.find_runs(c, self.experiment_id, **{TAG_SWEEP: self.sweep, TAG_ROLE: self.role,
                                                           TAG_TRIAL_ID: tid})
         if found:
@@ -171,18 +162,20 @@ class MLflowTrialLogger(store.Writer, LoggerCallback):
             self._nodes[tid] = known + [n for n in self._nodes.get(tid, []) if n not in known]
             has_params = bool(run.data.params)
         else:
-            point = trial_config.Point.of(config)
+            point = trial_.point
             tags = {TAG_PARENT: self.parent_run_id, TAG_ROLE: self.role, TAG_SWEEP: self.sweep,
                     TAG_DATASET: self.dataset, TAG_SCHEME: point.scheme, TAG_METHOD: point.method,
                     TAG_MODE: point.mode,
                     TAG_SEED: str(point.seed), TAG_TRIAL_ID: tid}
             if point.source_trial:
                 tags[TAG_SOURCE_TRIAL] = point.source_trial
+            if trial_.data_id:
+                tags[TAG_DATA] = trial_.data_id
             rid = c.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
             self._on_server[tid] = set()
             has_params = False
         if not has_params:      # a new run, or one whose creator died before its params
-            c.log_batch(rid, params=[Param(k, v[:6000]) for k, v in trial_config.params(config).items()])
+            c.log_batch(rid, params=[Param(k, v[:6000]) for k, v in trial_.params().items()])
         self._runs[tid] = rid
 
     def _reopen(self, tid: str) -> None:
@@ -226,7 +219,7 @@ class MLflowTrialLogger(store.Writer, LoggerCallback):
         if last.get("epoch") is None:
             return []
         now, epoch = int(time.time() * 1000), int(last.get("epoch", 0) or 0)
-        values = {TEST_MAP: last.get("test_map_at_best"), BEST_VAL_MAP: last.get("best_val_map"),
+        values = {TEST_MAP: last.get(TEST_MAP_AT_BEST), BEST_VAL_MAP: last.get("best_val_map"),
                   BEST_EPOCH: last.get("best_epoch"), EPOCHS_RUN: epoch,
                   TRAIN_HOURS: (last.get("train_seconds") or 0.0) / 3600.0,
                   GPU_HOURS: (last.get("gpu_seconds") or 0.0) / 3600.0}

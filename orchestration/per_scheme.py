@@ -29,6 +29,8 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
+from orchestration import private
+from orchestration.common import EPOCH, ROLE_TRIAL, trial_outcome
 from orchestration.known import Known, searched_values
 from orchestration.known import group_of as known_group
 from orchestration.known import key as known_key
@@ -65,7 +67,7 @@ class GroupSpace:
     params: dict[str, Any]          # Optuna name -> orchestration.space.FloatParam, in the order suggested
 
     @classmethod
-    def of(cls, search, group: Group) -> "GroupSpace":
+    def of(cls, search, group: Group) -> GroupSpace:
         params = {k: v for k, v in search.params(group).items() if k != "optimizer"}
         return cls(group.scheme, group.mode, list(search.optimizer), params)
 
@@ -147,28 +149,53 @@ def told(record: Known):
     return (record.best[1], TrialState.COMPLETE) if record.complete else (None, TrialState.PRUNED)
 
 
+STARTUP_SHARE = 0.25        # of a study's share of the trials: proposed at random before TPE models them (see tpe_sampler)
+
+
+def tpe_sampler(seed: int, share: int):
+    """A group's TPE: Optuna's sampler with the sweep's settings, for a study of `share` trials.
+
+    `constant_liar` (a proposal made while others of the study are still running treats them as bad
+    results, so it moves away from them instead of being an independent draw near the same optimum) and
+    `multivariate` (lr and delta_rel modelled jointly) are Optuna 5's defaults, pinned here. TPE models the
+    results after `n_startup_trials` random proposals: Optuna's 10 was more than most studies' share (8 in
+    search_spaces/digits.yaml), so they were random searches; here it is a quarter of the share (at least
+    2). bench/sweep.py (a lr x delta_rel grid, 15 search seeds, the digits space's ASHA, proposals made as
+    slots free; median over schemes of epochs to within 1 mAP of the scheme's grid best / its grid epochs,
+    one trial at a time / 8 in flight): these settings 0.26 / 0.39, Optuna's 10 start-up trials (half
+    the bench's share of 20) 0.30 / 0.42, RandomSampler 0.37 / 0.46; a tenth of the share 0.27 / 0.38,
+    constant_liar off 0.26 / 0.38 and multivariate off 0.27 / 0.36 are within the seeds' noise there
+    (about 3 trials of a study in flight). With every trial proposed at once (max_concurrent =
+    num_samples, the default) every proposal precedes every result and TPE is random search (0.37 / 0.46).
+    """
+    from optuna.samplers import TPESampler
+
+    return TPESampler(seed=seed, constant_liar=True, multivariate=True,
+                      n_startup_trials=max(2, round(STARTUP_SHARE * share)))
+
+
 def build(space, metric: str, mode: str, known: list[Known] | None = None, marker=None
-          ) -> tuple["PerSchemeSearch", "PerSchemeScheduler"]:
+          ) -> tuple[PerSchemeSearch, PerSchemeScheduler]:
     """The sweep's searcher and scheduler: per (scheme, mode, BoostLU) group a seeded TPE study (told `known`, the
     warm-start records, first; its start points first among its proposals) and an ASHA on `metric` with
     the epoch as time. `marker(record, total)` is called when a record answers a proposal.
 
-    TPE keeps Optuna's defaults. Measured on bench/sweep.py's grid (its curves replayed through this
-    searcher and scheduler in-process, 150 search seeds, no start points): n_startup_trials 3, 5 or 10
-    (Optuna's default, more than most groups' share, so TPE samples at random there), and telling ASHA-stopped
-    trials COMPLETE with their last value instead of PRUNED, left the epochs to within 1 mAP of the grid's
-    best unchanged (median 0.43 of the grid's epochs with grace period 5); not training a configuration
-    twice took the seeds that never got there from 49 of 150 to 0.
+    TPE: `tpe_sampler`. (On the earlier bench/sweep.py grid, lr fixed, 15 configurations: telling
+    ASHA-stopped trials COMPLETE with their last value instead of PRUNED left the epochs to target unchanged;
+    not training a configuration twice took the seeds that never got there from 49 of 150 to 0.)
     """
-    from optuna.samplers import TPESampler
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     groups = space.search.groups()
+    quota = quotas(groups, space.num_samples)
     by_group: dict[Group, list[Known]] = {}
     for r in known or []:
         by_group.setdefault(r.group, []).append(r)
-    searchers, schedulers, grids, storages = {}, {}, {}, {}
+    searchers: dict[Group, Searcher] = {}
+    schedulers: dict[Group, TrialScheduler] = {}
+    grids: dict[Group, list | None] = {}
+    storages: dict[Group, Any] = {}
     for i, g in enumerate(groups):
         group_space = GroupSpace.of(space.search, g)
         grid = group_space.grid()
@@ -177,12 +204,12 @@ def build(space, metric: str, mode: str, known: list[Known] | None = None, marke
         searchers[g] = OptunaSearch(
             space=group_space, metric=metric, mode=mode,
             points_to_evaluate=space.group_points(g) or None,
-            sampler=TPESampler(seed=(space.search_seed + i) % 2**32),
+            sampler=tpe_sampler((space.search_seed + i) % 2**32, quota[g]),
             storage=storages[g], study_name=STUDY)
         schedulers[g] = ASHAScheduler(
-            time_attr="epoch", max_t=space.epochs, grace_period=space.scheduler.grace_period,
+            time_attr=EPOCH, max_t=space.epochs, grace_period=space.scheduler.grace_period,
             reduction_factor=space.scheduler.reduction_factor)
-    return (PerSchemeSearch(searchers, quotas(groups, space.num_samples), metric, mode, epochs=space.epochs,
+    return (PerSchemeSearch(searchers, quota, metric, mode, epochs=space.epochs,
                             known=[r for r in known or [] if r.reusable], marker=marker, grids=grids,
                             storages=storages, seed=space.search_seed),
             PerSchemeScheduler(schedulers))
@@ -241,10 +268,11 @@ class PerSchemeSearch(Searcher):
         for attempt in range(10**6):
             for g in self.searchers:
                 if g not in self.closed and self.assigned[g] < self.quota[g] and self._grid_left(g) == []:
-                    self._close(g, f"all {len(self.grids[g])} configurations of its space are trained or training")
+                    self._close(g, f"all {len(self.grids[g] or [])} configurations of its space are trained or "
+                                   "training")
             open_groups = [g for g in self.searchers if self.assigned[g] < self.quota[g] and g not in self.closed]
             if not open_groups:
-                return Searcher.FINISHED
+                return Searcher.FINISHED    # type: ignore[return-value]  # Ray's annotation leaves FINISHED out
             group = min(open_groups, key=lambda g: self.assigned[g] / self.quota[g])
             ask = trial_id if attempt == 0 else f"{trial_id}~{attempt}"    # the study's id of this proposal
             searcher = self.searchers[group]
@@ -301,8 +329,8 @@ class PerSchemeSearch(Searcher):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self.owner:
             return
-        if result.get("epoch") is not None and result.get(self.metric) is not None:
-            self.curves[trial_id][int(result["epoch"])] = float(result[self.metric])
+        if result.get(EPOCH) is not None and result.get(self.metric) is not None:
+            self.curves[trial_id][int(result[EPOCH])] = float(result[self.metric])
         self.searchers[self.owner[trial_id]].on_trial_result(self.asked[trial_id], result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -311,10 +339,11 @@ class PerSchemeSearch(Searcher):
         searcher = self.searchers[self.owner[trial_id]]
         ask, curve = self.asked[trial_id], self.curves[trial_id]
         self.training.pop(trial_id, None)
-        if error or not result or result.get("wsml_error") or not curve:
+        outcome = trial_outcome(result, self.epochs, ROLE_TRIAL)
+        if error or not result or outcome.failed or not curve:
             searcher.on_trial_complete(ask, result=None, error=True)
             return
-        complete = int(result.get("epoch", 0)) >= self.epochs or bool(result.get("trainer_stop"))
+        complete = outcome.complete
         record = Known(group=self.owner[trial_id], values=self.values[trial_id], curve=sorted(curve.items()),
                        complete=complete, reusable=True, trial_id=trial_id)
         if record.better_than(self.known.get(record.key)):
@@ -324,7 +353,7 @@ class PerSchemeSearch(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         state = {k: getattr(self, k) for k in self._STATE}
-        state["studies"] = {g: s.__dict__.copy() for g, s in self.searchers.items()}
+        state["studies"] = {g: private.searcher_state(s) for g, s in self.searchers.items()}
         with open(checkpoint_path, "wb") as f:
             pickle.dump(state, f)
 
@@ -335,7 +364,7 @@ class PerSchemeSearch(Searcher):
             if k in state:
                 setattr(self, k, state[k])
         for g, d in state["studies"].items():
-            self.searchers[g].__dict__.update(d)
+            private.restore_searcher_state(self.searchers[g], d)
 
     # saved with the studies in one pickle: each study and `storages` keep sharing their storage
     _STATE = ("assigned", "owner", "asked", "values", "curves", "training", "known", "repeats", "reused", "closed",
@@ -354,7 +383,8 @@ class PerSchemeScheduler(TrialScheduler):
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         ok = [s.set_search_properties(metric, mode, **spec) for s in self.schedulers.values()]
-        self._metric = next(iter(self.schedulers.values())).metric
+        # the metric Tune reads from this scheduler (`.metric`): the one its groups' schedulers took
+        TrialScheduler.set_search_properties(self, next(iter(self.schedulers.values())).metric, mode)
         return all(ok)
 
     def on_trial_add(self, tune_controller, trial) -> None:

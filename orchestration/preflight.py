@@ -14,7 +14,7 @@ from wsml.config import DATASETS, SCHEMES
 from wsml.files import writable_folder
 
 from orchestration import private, store
-from orchestration.common import FINAL_SUFFIX, SweepError, TrackingError, first_line, redact
+from orchestration.common import FINAL_SUFFIX, SweepError, TrackingError, carries_credentials, first_line, redact
 
 
 def check_dataset(dataset: str) -> None:
@@ -57,8 +57,22 @@ def is_uri(path: str) -> bool:
 
 
 def resolve_storage(storage: str) -> str:
-    """An absolute storage folder whose nearest existing parent is writable, or a bucket URI."""
+    """An absolute storage folder whose nearest existing parent is writable, or a bucket URI without
+    credentials.
+
+    Credentials in the URI (`s3://KEY:SECRET@bucket`, `?secret_key=`, `?sig=`) are refused: Ray
+    would keep the URI, or a file-system object made from it, in the experiment's own files
+    (`tuner.pkl` and the experiment state pickle their storage) and hand it to every trial, so
+    the secret would sit in the bucket and on every node. The cloud's own ways do not: an
+    instance profile, ~/.aws/credentials, or its environment variables (which
+    `private.keep_cloud_secrets_from_trials` keeps out of Ray's logs).
+    """
     if is_uri(storage):
+        if carries_credentials(storage):
+            raise SweepError(f"--storage {redact(storage)} carries credentials, which Ray would write into the "
+                             "experiment's files and logs: remove them from the URI and give them as the cloud's "
+                             "own settings (an instance profile, ~/.aws/credentials, or AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY in the environment of every node)")
         return storage.rstrip("/")
     p = Path(storage).expanduser().resolve()
     if p.exists() and not p.is_dir():
@@ -72,22 +86,39 @@ def data_root_path(dataset: str, data_root: str | None) -> str | None:
     """The data set's folder, absolute (None for the built-in digits), whether it exists or not."""
     if dataset == "digits":
         return None
-    return str(Path(data_root or f"data/{dataset}").expanduser().resolve())
+    return str(_data_folder(dataset, data_root))
+
+
+def _data_folder(dataset: str, data_root: str | None) -> Path:
+    return Path(data_root or f"data/{dataset}").expanduser().resolve()
 
 
 def check_data_root(dataset: str, data_root: str | None, remote: bool) -> str | None:
     """The data set's folder (None for the built-in digits); on a cluster it may live on the nodes only."""
     if dataset == "digits":
         return None
-    path = Path(data_root_path(dataset, data_root))
+    path = _data_folder(dataset, data_root)
     if not path.is_dir():
         if remote:
             print(f"note: data set folder {path} is not on this machine; the trials look for it on their nodes")
         else:
             raise SweepError(f"data set {dataset} not found at {path}: prepare it (python -m wsml.data.prepare "
-                             f"{dataset} --source RAW_DIR --dest {path}, see the README's Data section) or pass "
+                             f"{dataset} --source RAW_DIR --dest {path}, see docs/data.md) or pass "
                              "--data-root")
     return str(path)
+
+
+def data_identity(cfg) -> str | None:
+    """The identity of the data a sweep's trials train on (`wsml.data.loading.data_id`, a `TrainConfig`
+    of the sweep), once its images are checked to be where its meta.json says
+    (`wsml.data.loading.check_image_files`); None where the data set is not on this machine (the
+    trials look for it on their nodes). Reads the prepared .npy files, decodes no image."""
+    from wsml.data.loading import check_image_files, data_id
+
+    if cfg.dataset != "digits" and not Path(cfg.data_root).is_dir():
+        return None
+    check_image_files(cfg)
+    return data_id(cfg)
 
 
 def resolve_cache_dir(cache_dir: str | None, dataset: str, data_root: str | None, train: dict) -> str:
@@ -128,11 +159,17 @@ def _reads_compact(dataset: str, data_root: str | None, train: dict) -> bool | N
 
 
 def resolve_address(address: str | None) -> str | None:
-    """None = start Ray in-process; else a reachable host:port of a Ray head ($RAY_ADDRESS is honoured)."""
+    """None = start Ray in-process; else a reachable host:port of a Ray head ($RAY_ADDRESS is honoured).
+
+    Without --address or $RAY_ADDRESS, a Ray cluster that `ray start` (so `ray up`, on the head) runs on
+    this machine is joined, as `ray.init()` would: a sweep started on the head by `ray exec`, `ray
+    submit` or by hand must use the cluster's GPU nodes, not start a Ray of its own on the head's CPUs.
+    `--address local` starts one of its own all the same.
+    """
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
         if address is None:
-            return None
+            return _ray_started_here()
     if address == "local":
         return None
     if address.startswith("ray://"):
@@ -158,6 +195,24 @@ def resolve_address(address: str | None) -> str | None:
     return f"{host}:{port}"
 
 
+def _ray_started_here() -> str | None:
+    """The address of the Ray cluster `ray start` runs on this machine, None where none answers there (none
+    started, or a stale record of one that has stopped)."""
+    recorded = private.ray_started_here()
+    m = re.match(r"^\[?([^\]]+?)\]?:(\d+)$", recorded or "")
+    if not m:
+        return None
+    try:
+        with socket.create_connection((m.group(1), int(m.group(2))), timeout=3):
+            pass
+        _check_ray_gcs(m.group(1), int(m.group(2)))
+    except (OSError, SweepError):
+        return None
+    print(f"note: joining the Ray cluster started on this machine (ray start / ray up) at {recorded}; "
+          "--address local starts a Ray of this sweep's own instead")
+    return recorded
+
+
 def _check_ray_gcs(host: str, port: int, timeout: float = 5.0) -> None:
     import grpc
 
@@ -174,10 +229,32 @@ def _check_ray_gcs(host: str, port: int, timeout: float = 5.0) -> None:
                          "default) or --address auto on the head") from None
 
 
+def _restore_lost_store(uri: str) -> None:
+    """--resume of a sweep whose local SQLite store is gone (a head lost or replaced, its disk with it): put
+    the copy the driver kept on shared storage back (`orchestration.store_copy`), or refuse, rather than
+    continue into an empty store."""
+    from orchestration import store_copy
+
+    path = store.local_path(uri)
+    if path is None or not uri.startswith("sqlite:") or path.exists():
+        return
+    folder = os.environ.get(store_copy.BACKUP_ENV)
+    kept = Path(folder) / store_copy.DB if folder else None
+    if kept is None or not kept.is_file():
+        raise SweepError(f"the sweep's MLflow store {path} is gone and no copy of it is at "
+                         f"${store_copy.BACKUP_ENV} ({folder or 'not set'}): put the store back, or copy one "
+                         f"with  python -m orchestration.store_copy BACKUP_FOLDER {path.parent}")
+    copied = store_copy.copy_store(kept, path.parent)
+    if copied != path:
+        os.replace(copied, path)
+    print(f"note: the sweep's MLflow store {path} was gone: restored from the copy at {kept.parent}")
+
+
 def check_store(uri: str, name: str, resume: bool) -> None:
     """The store can be used, and (for a new sweep) holds no sweep of that name; creates no store."""
     store.check_uri(uri)
     if resume:
+        _restore_lost_store(uri)
         return
     path = store.local_path(uri)
     if path is not None and not path.exists():

@@ -43,7 +43,8 @@ def ask_gcs_cluster_id(target: str, timeout: float) -> None:
     channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
     try:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
-        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout,
+        # the generated module makes its message classes when imported: mypy cannot see them
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout,  # type: ignore[attr-defined]
                           metadata=_get_authentication_metadata_tuple())
     finally:
         channel.close()
@@ -104,9 +105,52 @@ def tuner_searcher(tuner):
     return getattr(searcher, "searcher", searcher)
 
 
+def searcher_state(searcher) -> dict:
+    """The whole state of an `OptunaSearch` (its study, sampler, storage and the trials it asked), to pickle.
+
+    `OptunaSearch.save` pickles its `__dict__` to a file of its own; the per-scheme searcher keeps one
+    OptunaSearch per group and pickles them all in one file with the storages they share, so that the
+    shared references survive a restore. Mirrors `save`/`restore` of Ray 2.60's optuna_search.py.
+    """
+    return searcher.__dict__.copy()
+
+
+def restore_searcher_state(searcher, state: dict) -> None:
+    """Put back what `searcher_state` took (as `OptunaSearch.restore` does)."""
+    searcher.__dict__.update(state)
+
+
 # Ray Train logs one "Checkpoint successfully created" line per reported checkpoint (one per
 # epoch and trial) through this logger; the sweep quiets it by name.
 RAY_STORAGE_LOGGER = "ray.train._internal.storage"
+
+
+def ray_started_here() -> str | None:
+    """The GCS address `ray start --head` recorded on this machine (Ray's temp folder,
+    `ray_current_cluster`; `ray stop` removes it), as `ray.init()` reads it; None without one."""
+    from ray._private import utils
+
+    return utils.read_ray_address()
+
+
+def ephemeral_ray_token() -> None:
+    """Before an in-process `ray.init()`: token authentication with a token of this process alone.
+
+    Ray 2.60 turns token authentication on for a new local Ray and, with no token given, writes a
+    new one to ~/.ray/auth_token (ray/_private/authentication/authentication_token_setup.py,
+    `generate_and_save_token`). A later `ray start --head` on the machine (`ray up` on a head
+    where a sweep once ran in-process) finds that file and requires the token, which the cluster's
+    worker nodes do not have: they cannot join. A token in the environment is used instead of the
+    file and leaves nothing behind; the processes `ray.init` starts inherit it. A mode the user set
+    (`RAY_AUTH_MODE`) is respected.
+    """
+    import secrets
+
+    from ray._private.authentication import authentication_token_setup as setup
+
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        setup._enable_token_auth()      # RAY_AUTH_MODE=token, and Ray's cached config of this process told
 
 
 @contextmanager
@@ -135,3 +179,24 @@ def local_ray_on_loopback() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
+
+
+# The variables Ray Tune copies from the driver's environment into every trainable's runtime env.
+CLOUD_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_cloud_secrets_from_trials() -> list[str]:
+    """Stop Ray Tune from handing the driver's AWS credentials to the trials through their runtime env.
+
+    Tune copies CLOUD_SECRETS from the driver's environment into the runtime env of every trainable
+    (Ray 2.60: ray/tune/execution/class_cache.py, `ENV_VARS_TO_PROPAGATE`, read each time an actor
+    class is made), and Ray writes runtime envs into the logs of its session folder, which other
+    users of the machine can read. Trials on this machine inherit the environment anyway (the
+    raylet the driver starts inherits the driver's); nodes of a cluster use their own credentials
+    (instance profile, ~/.aws/credentials, the environment `ray start` ran in). Returns the
+    variables set here that are no longer handed over.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - set(CLOUD_SECRETS)
+    return [k for k in CLOUD_SECRETS if k in os.environ]

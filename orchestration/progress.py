@@ -28,8 +28,8 @@ import time
 from ray.tune import Callback, ProgressReporter
 
 from orchestration import trial as trial_config
-from orchestration.common import ROLE_FINAL, ROLE_TRIAL, first_line, method_name
-from orchestration.mlflow_callback import end_reason
+from orchestration.common import (ASHA_STOPPED, COMPLETED, ROLE_FINAL, ROLE_TRIAL, STOP_DROP, STOPPED, TEST_MAP_AT_BEST,
+                                  first_line, method_name, trial_outcome)
 from orchestration.per_scheme import group_of
 from orchestration.space import Group
 
@@ -40,9 +40,9 @@ STATUS_EVERY_S = 30.0
 _QUIET = {"ray._private.worker": logging.WARNING, "ray.tune": logging.WARNING,
           "ray._private.authentication.authentication_token_setup": logging.ERROR,
           "mlflow.store.db.utils": logging.WARNING, "alembic": logging.WARNING}
-_REASONS = {"completed": "completed", "asha_stopped": "stopped early by ASHA",
-            "stop_drop": "stopped: val mAP fell below its best (the trainer's stop rule)",
-            "stopped": "stopped early"}
+_REASONS = {COMPLETED: "completed", ASHA_STOPPED: "stopped early by ASHA",
+            STOP_DROP: "stopped: val mAP fell below its best (the trainer's stop rule)",
+            STOPPED: "stopped early"}
 
 
 def quiet_logs() -> None:
@@ -132,9 +132,9 @@ class TrialEvents(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
-        status, reason = end_reason(last, self.epochs, ROLE_FINAL if self.final else ROLE_TRIAL)
-        event = "failed" if status == "FAILED" else "end"
-        self._say(trial, event, f"{self._reached(last)}  {_REASONS.get(reason, reason)}")
+        outcome = trial_outcome(last, self.epochs, ROLE_FINAL if self.final else ROLE_TRIAL)
+        event = "failed" if outcome.failed else "end"
+        self._say(trial, event, f"{self._reached(last)}  {_REASONS.get(outcome.reason, outcome.reason)}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._say(trial, "failed", f"{self._reached(trial.last_result or {})}  failed: {self._error(trial)}")
@@ -188,10 +188,10 @@ class StatusLine(ProgressReporter):
         total = max(self.total, len(trials))
         head = f"[{clock(now - self.started)}] {stage}"
         if done:
-            reasons = [end_reason(t.last_result or {}, self.epochs, ROLE_FINAL if self.final else ROLE_TRIAL)[1]
-                       for t in trials if t.status == "TERMINATED"]
-            failed = sum(t.status == "ERROR" for t in trials) + sum(r.startswith("failed") for r in reasons)
-            stopped = sum(r in ("asha_stopped", "stop_drop", "stopped") for r in reasons)
+            outcomes = [trial_outcome(t.last_result, self.epochs, ROLE_FINAL if self.final else ROLE_TRIAL)
+                        for t in trials if t.status == "TERMINATED"]
+            failed = sum(t.status == "ERROR" for t in trials) + sum(o.failed for o in outcomes)
+            stopped = sum(o.stopped_early for o in outcomes)
             parts = [f"{head} done: {len(ended)} {unit} in {clock(now - self.stage_start)} "
                      f"({stopped} stopped early, {failed} failed)"]
         else:
@@ -208,7 +208,7 @@ class StatusLine(ProgressReporter):
         for t in trials:
             last = t.last_result or {}
             if self.final:
-                value = last.get("test_map_at_best") if t.status == "TERMINATED" else None
+                value = last.get(TEST_MAP_AT_BEST) if t.status == "TERMINATED" else None
             else:
                 value = last.get("best_val_map")
             if isinstance(value, (int, float)) and math.isfinite(value):

@@ -12,6 +12,7 @@ taken from the environment (`RAY_AUTH_MODE`, `RAY_AUTH_TOKEN`).
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import sys
 import time
@@ -49,7 +50,7 @@ def wait_for_nodes(address: str, wanted: int, timeout: float) -> str | None:
         return None
     import ray
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     try:
         while True:
             alive = alive_nodes(ray.nodes())

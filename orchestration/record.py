@@ -2,7 +2,7 @@
 
 It holds the data set, the validated search space, the MLflow store and the
 ids of the sweep's experiment and run, the trial resources, the data and
-cache folders and the command line. It is written once, when the sweep
+cache folders, the identity of the data and the command line. It is written once, when the sweep
 starts, beside Tune's own `tuner.pkl`; storage is a local folder or a bucket
 URI (through pyarrow's file systems, as Tune's own storage).
 """
@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from orchestration.common import FINAL_SUFFIX, RECORD, SweepError
+from orchestration.common import FINAL_SUFFIX, RECORD, SweepError, first_line
 
 
 @dataclass
@@ -29,29 +29,36 @@ class SweepRecord:
     cache_dir: str
     command: str
     created: str
+    data_id: str = ""               # the identity of the data the sweep was planned on ("": not known then)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "SweepRecord":
+    def from_json(cls, text: str, where: str) -> SweepRecord:
         try:
             data = json.loads(text)
         except ValueError as err:
             raise SweepError(f"{where} is not valid JSON ({err}): the sweep folder is damaged; start a new "
                              "sweep with another --name") from None
         fields = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or not fields <= set(data):
-            missing = sorted(fields - set(data)) if isinstance(data, dict) else ["all"]
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        if not isinstance(data, dict) or not required <= set(data):
+            missing = sorted(required - set(data)) if isinstance(data, dict) else ["all"]
             raise SweepError(f"{where} is not a sweep record (missing {', '.join(missing)}): the sweep folder is "
                              "damaged; start a new sweep with another --name")
-        return cls(**{k: data[k] for k in fields})
+        return cls(**{k: data[k] for k in fields if k in data})
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
 def _fs(storage: str):
+    import pyarrow
     import pyarrow.fs
 
-    return pyarrow.fs.FileSystem.from_uri(storage)
+    try:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    except (pyarrow.ArrowException, ValueError, OSError) as err:   # its message quotes the URI: redacted
+        raise SweepError(f"--storage {storage}: cannot open it ({first_line(err)}): pass a folder or a bucket "
+                         "URI such as s3://bucket/path") from None
 
 
 def exists(storage: str, rel: str) -> bool:
@@ -117,3 +124,52 @@ def find_resumable(storage: str, dataset: str, name: str | None) -> SweepRecord:
         raise SweepError(f"sweep {name!r} is a sweep of {record.dataset!r}, not {dataset!r}: "
                          f"pass --dataset {record.dataset}")
     return record
+
+
+class DriverLock:
+    """One driver per sweep at a time: an exclusive lock on `<storage>/<sweep>/.driver.lock` held while a
+    driver runs the sweep. The kernel releases it when the driver's process ends, however it ends (a crash,
+    `kill -9`, a lost node), so a later `--resume` never waits for a dead driver. Local and network file
+    systems (NFS locks through the server); storage in a bucket has no lock (one driver is the user's care)."""
+
+    NAME = ".driver.lock"
+
+    def __init__(self, storage: str, name: str):
+        self.file = None
+        fs, base = _fs(storage)
+        if type(fs).__name__ != "LocalFileSystem":
+            return
+        import fcntl
+        import os
+        import socket
+        import time
+        from pathlib import Path
+
+        folder = Path(base) / name
+        if not folder.is_dir():
+            return              # a sweep not started yet: the folder appears with its set-up
+        path = folder / self.NAME
+        f = open(path, "a+")    # held open for the driver's life, closed by release()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise SweepError(f"sweep {name!r} is being run by another driver ({holder}): two drivers would "
+                             "train every trial twice into the same folders; wait for it to end, or stop it "
+                             "(Ctrl-C) and resume then") from None
+        except OSError as err:  # a file system without locks (Lustre mounted without flock)
+            f.close()
+            print(f"note: cannot lock {path} ({first_line(err)}): make sure no other driver runs sweep {name}")
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()       # closing the descriptor releases the lock
+            self.file = None

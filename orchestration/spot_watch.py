@@ -15,6 +15,12 @@ checkpoint on another node without counting it against `max_failures`
 of a node is an ordinary failure and counts. On an on-demand instance
 (`instance-life-cycle` is not `spot`) and off EC2 it exits at once.
 
+Before the drain, the trials on the node save their state within the epoch
+in progress (an epoch can take 17 minutes: COCO on an A10G, docs/performance.md):
+the watcher announces the notice in a folder on the node (`Notice`), each trial
+there (`orchestration.trainable`) saves at its next batch and says so, and the
+watcher drains once all have, or after CHECKPOINT_WAIT_S.
+
 IMDSv2 is used (a session token first); AWS_EC2_METADATA_SERVICE_ENDPOINT
 points it elsewhere, as it does for AWS's own SDKs (the tests serve a fake).
 """
@@ -31,6 +37,71 @@ import urllib.error
 import urllib.request
 
 TOKEN_TTL_S = 21600
+# How long the trials get to save at the notice: half of EC2's two minutes, the rest left for the drain (and
+# its retries). A ResNet-50 trial's state with Adam's moments is about 300 MB: seconds to EFS.
+CHECKPOINT_WAIT_S = 60
+NOTICE_DIR_ENV = "WSML_SPOT_DIR"        # the folder of `Notice` (tests use their own)
+
+
+class Notice:
+    """The word between the spot watcher and the trials on its node, as files in one folder of the node:
+    the watcher writes `notice` (EC2's notice); each trial registers as `trial-<pid>` while it trains and,
+    seeing the notice, saves its state and writes `trial-<pid>.saved`."""
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        from pathlib import Path
+
+        # one folder per user: another user's trials on a shared machine can neither block nor read it
+        self.folder = Path(folder or os.environ.get(NOTICE_DIR_ENV) or f"/tmp/wsml-spot-{os.getuid()}")
+
+    def register(self, pid: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"trial-{pid}").touch()
+
+    def unregister(self, pid: int) -> None:
+        for name in (f"trial-{pid}", f"trial-{pid}.saved"):
+            try:
+                (self.folder / name).unlink(missing_ok=True)
+            except OSError:
+                pass            # a folder it could not register in: nothing of it to remove
+
+    def announce(self, notice: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "notice").write_text(json.dumps(notice))
+
+    def withdraw(self) -> None:
+        (self.folder / "notice").unlink(missing_ok=True)
+
+    def announced(self) -> bool:
+        """Whether the watcher announced a notice (one stat: asked before every batch)."""
+        return (self.folder / "notice").exists()
+
+    def saved(self, pid: int) -> None:
+        (self.folder / f"trial-{pid}.saved").touch()
+
+    def waiting(self) -> list[int]:
+        """The trials registered here, still running, that have not said they saved."""
+        out = []
+        for p in self.folder.glob("trial-*"):
+            if p.suffix or not p.name[6:].isdigit():
+                continue
+            pid = int(p.name[6:])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue            # ended without unregistering (killed): nothing to wait for
+            except PermissionError:
+                pass
+            if not (self.folder / f"trial-{pid}.saved").exists():
+                out.append(pid)
+        return sorted(out)
+
+    def wait_saved(self, limit_s: float, poll_s: float = 0.5) -> list[int]:
+        """Wait until every registered trial saved, at most `limit_s`; returns those that did not."""
+        deadline = time.monotonic() + limit_s
+        while (left := self.waiting()) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        return left
 
 
 class Metadata:
@@ -64,8 +135,8 @@ class Metadata:
 
 def seconds_left(notice: dict, now: _dt.datetime | None = None) -> int:
     """Seconds until the announced action (EC2 gives its time as 2026-01-01T12:00:00Z), at least 0."""
-    at = _dt.datetime.strptime(notice["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    at = _dt.datetime.strptime(notice["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.UTC)
+    now = now or _dt.datetime.now(_dt.UTC)
     return max(0, int((at - now).total_seconds()))
 
 
@@ -77,7 +148,8 @@ def drain_command(address: str, notice: dict, node_id: str | None) -> list[str]:
     return private.drain_as_preempted_command(address, node_id, message, seconds_left(notice))
 
 
-def watch(meta: Metadata, address: str, node_id: str | None, interval: float, log=print) -> int:
+def watch(meta: Metadata, address: str, node_id: str | None, interval: float, log=print,
+          notice: Notice | None = None) -> int:
     try:
         lifecycle = meta.get("instance-life-cycle")
     except (OSError, urllib.error.URLError) as err:
@@ -94,16 +166,46 @@ def watch(meta: Metadata, address: str, node_id: str | None, interval: float, lo
             log(f"spot watch: metadata unreachable ({err}); retrying")
             raw = None
         if raw:
-            notice = json.loads(raw)
-            cmd = drain_command(address, notice, node_id)
-            log(f"spot watch: {notice}: draining this node as preempted ({' '.join(cmd[1:])})")
+            trials = notice or Notice()
+            try:
+                return _drain(_checkpoint(json.loads(raw), trials, log), address, node_id, interval, log)
+            finally:
+                trials.withdraw()       # no trial started on this machine later takes it for its own notice
+        time.sleep(interval)
+
+
+def _checkpoint(notice: dict, trials: Notice, log) -> dict:
+    """Tell the trials on this node to save where they are, and wait for them (at most CHECKPOINT_WAIT_S, and
+    never past half the time EC2 gave)."""
+    trials.announce(notice)
+    limit = min(CHECKPOINT_WAIT_S, seconds_left(notice) / 2)
+    log(f"spot watch: {notice}: the trials on this node save their state (up to {limit:.0f} s)")
+    left = trials.wait_saved(limit)
+    log("spot watch: every trial here saved" if not left else
+        f"spot watch: trial process(es) {left} did not save in time: they continue from their last epoch")
+    return notice
+
+
+def _drain(notice: dict, address: str, node_id: str | None, interval: float, log) -> int:
+    """Drain the node as preempted; a failed drain (the head busy, a network hiccup) is tried again every
+    `interval` until the announced time: a node lost undrained costs its trials a counted failure."""
+    while True:
+        cmd = drain_command(address, notice, node_id)
+        log(f"spot watch: {notice}: draining this node as preempted ({' '.join(cmd[1:])})")
+        try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                log(f"spot watch: ray drain-node failed ({done.returncode}): {(done.stderr or done.stdout)[-500:]}")
-                return 1
+            failure = None if done.returncode == 0 else f"{done.returncode}: {(done.stderr or done.stdout)[-500:]}"
+        except (OSError, subprocess.TimeoutExpired) as err:
+            failure = str(err)
+        if failure is None:
             log("spot watch: drained; the node's trials continue elsewhere without counting as failures")
             return 0
-        time.sleep(interval)
+        left = seconds_left(notice)
+        log(f"spot watch: ray drain-node failed ({failure}); " + (f"again in {interval:g} s ({left} s left)"
+                                                                 if left > 0 else "the announced time has passed"))
+        if left <= 0:
+            return 1
+        time.sleep(min(interval, left))
 
 
 def main(argv: list[str] | None = None) -> int:

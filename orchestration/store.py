@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -30,8 +29,8 @@ from pathlib import Path
 
 from wsml.files import writable_folder
 
-from orchestration.common import (ROLE_SWEEP, TAG_DATASET, TAG_RESUMED, TAG_ROLE, TAG_SWEEP, TrackingError,
-                                  first_line, redact)
+from orchestration.common import (KIND_MODEL_TRAINING, ROLE_SWEEP, TAG_DATASET, TAG_EXPERIMENT_KIND, TAG_RESUMED,
+                                  TAG_ROLE, TAG_SWEEP, TrackingError, first_line, redact, split_userinfo)
 
 # The MLflow client retries a failed HTTP call for minutes by default (7 retries,
 # exponential backoff, 120 s timeout). The sweep's outbox retries on its own
@@ -88,26 +87,48 @@ def check_uri(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"MLflow store {redact(uri)} names no file: pass --mlflow-uri sqlite:///PATH")
         _check_writable_file(path, uri)
     elif parsed.scheme in ("", "file"):
-        _check_writable_dir(local_path(uri), uri)
+        folder = local_path(uri)
+        assert folder is not None       # a file store always names its folder
+        _check_writable_dir(folder, uri)
     # databricks, postgresql, mysql, ...: MLflow reports problems itself (through `client`, redacted)
+
+
+USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"   # MLflow's basic auth
+
+
+def credentials_to_env(uri: str) -> str:
+    """An http(s) MLflow URI without its `user:password@`, which go to MLflow's own basic-auth settings
+    in this process's environment (USERNAME_ENV, PASSWORD_ENV): the URI is kept in the sweep record
+    and in the callbacks and searcher that Tune pickles with the experiment, and those must hold no
+    secret. Other URIs are returned as they are."""
+    userinfo, plain = split_userinfo(uri)
+    if userinfo is None or urllib.parse.urlparse(plain).scheme not in ("http", "https"):
+        return uri
+    user, _, password = userinfo.partition(":")
+    os.environ[USERNAME_ENV] = urllib.parse.unquote(user)
+    os.environ[PASSWORD_ENV] = urllib.parse.unquote(password)
+    return plain
 
 
 def _check_server(uri: str, parsed, timeout: float) -> None:
     shown = redact(uri)
-    # user:password@ in the URI: sent as basic auth (urllib does not take it from the URL)
+    # user:password@ in the URI, else MLflow's environment: sent as basic auth (urllib does not take it from the URL)
     netloc = parsed.netloc.rpartition("@")[2]
     url = urllib.parse.urlunparse(parsed._replace(netloc=netloc)).rstrip("/") + "/health"
     request = urllib.request.Request(url)
     if parsed.username is not None:
         pair = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
         request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    elif os.environ.get(USERNAME_ENV):
+        pair = f"{os.environ[USERNAME_ENV]}:{os.environ.get(PASSWORD_ENV, '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - a URI the user gave
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status >= 400:
                 raise TrackingError(f"MLflow server {shown} answered {resp.status} on /health: check --mlflow-uri")
     except urllib.error.HTTPError as err:
         raise TrackingError(f"MLflow server {shown} answered HTTP {err.code} on /health: check --mlflow-uri") from None
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as err:
+    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise TrackingError(f"MLflow server {shown} is unreachable ({first_line(str(reason))}): start it or pass "
                             "another --mlflow-uri") from None
@@ -235,6 +256,9 @@ def start_parent(c, sweep: str, dataset: str, params: dict[str, str], resume: bo
     experiment_id = find_experiment_id(c, sweep)
     if experiment_id is None:
         experiment_id = c.create_experiment(sweep, tags={TAG_DATASET: dataset, TAG_SWEEP: sweep})
+    # MLflow 3's UI opens an experiment without this tag on its GenAI pages (traces, evaluation runs), where a
+    # sweep looks empty; set also on experiments of earlier versions of this tool when they are continued
+    c.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, KIND_MODEL_TRAINING)
     parent = find_parent(c, experiment_id, sweep)
     if parent is not None:
         if not resume:
@@ -257,7 +281,7 @@ def end_parent(c, run_id: str, status: str, wait_s: float = 120.0) -> None:
         try:
             c.set_terminated(run_id, status=status)
             return
-        except Exception as err:  # noqa: BLE001 - see is_transient
+        except Exception as err:
             if not is_transient(err) or time.monotonic() + delay > deadline:
                 raise
             time.sleep(delay)
@@ -278,7 +302,17 @@ def log_results(c, run_id: str, out_dir: Path, files: list[Path]) -> list[str]:
     return logged
 
 
+def _ui_base(uri: str) -> str:
+    """The MLflow UI: the tracking server, or `mlflow ui`'s default address."""
+    return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs table (the sweep's run, its trials nested), in MLflow 3's model-training view:
+    without `workflowType` the UI opens an experiment on its GenAI pages (traces, evaluation runs)."""
+    return f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def run_url(uri: str, experiment_id: str, run_id: str, tab: str = "") -> str:
-    """The run's page in the MLflow UI: on the tracking server, or on `mlflow ui`'s default address."""
-    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")
+    """The run's page in the MLflow UI."""
+    return f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")

@@ -3,8 +3,8 @@
 Two workloads are in the table, the two the shipped space files run:
 
 * `resnet50`: the benchmarks' ResNet-50 at 448 x 448, batch 16, bf16 autocast +
-  channels_last on a GPU. The **H200 is measured** (`bench/gpu.py`, README
-  "Performance"): the eager step 692 images/s, the whole step as one CUDA graph
+  channels_last on a GPU. The **H200 is measured** (`bench/gpu.py`,
+  docs/performance.md): the eager step 692 images/s, the whole step as one CUDA graph
   (`train: {cuda_graph: true}`) 937 images/s for one trial alone in its process,
   and an epoch read from the image cache through the trainer's real input
   pipeline kept 90 % of its synthetic-input rate (849 of 938 images/s).
@@ -45,7 +45,7 @@ class Gpu:
 
 
 GPUS = {g.name: g for g in (
-    Gpu("H200", 989, "measured with bench/gpu.py (README, Performance)", measured=True),
+    Gpu("H200", 989, "measured with bench/gpu.py (docs/performance.md)", measured=True),
     Gpu("H100", 989, "estimated: H200 figures x 989/989 dense bf16 TFLOP/s (H100 SXM datasheet)"),
     Gpu("A100", 312, "estimated: H200 figures x 312/989 dense bf16 TFLOP/s (A100 datasheet)"),
     Gpu("L40S", 362, "estimated: H200 figures x 362/989 dense bf16 TFLOP/s (L40S datasheet)"),
@@ -56,7 +56,7 @@ GPUS = {g.name: g for g in (
 )}
 DEFAULT_GPU = "A10G"        # cluster.yaml's GPU workers (g5 instances)
 
-# ResNet-50, 448 px, batch 16, bf16 + channels_last, on the H200 (bench/gpu.py, README "Performance").
+# ResNet-50, 448 px, batch 16, bf16 + channels_last, on the H200 (bench/gpu.py, docs/performance.md).
 H200_STEP_EAGER = 692.0         # images/s, synthetic input
 H200_STEP_GRAPH = 937.0         # images/s, CUDA graph, one trial alone in its process
 PIPELINE_SHARE = 849.0 / 938.0  # an epoch through the real input pipeline vs synthetic input

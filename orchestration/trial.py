@@ -5,18 +5,21 @@ A Tune trial's config dict holds
 * the searched values at top level (`scheme`, `mode`, `delta_rel`, `lr`), as
   Optuna proposes them (a search trial);
 * the sweep's constants at top level (`dataset`, `epochs`, `seed`, `device`,
-  `data_root`) and `wsml_sweep` (the sweep's name);
+  `data_root`), `wsml_sweep` (the sweep's name) and `wsml_data` (the identity of
+  the data the driver planned the sweep on, `wsml.data.loading.data_id`, which
+  the trainable passes on to the trainer to refuse any other);
 * the space file's fixed training settings under `train`;
 * for a final rerun, the chosen configuration and its seed under `point`
   (with `wsml_source_trial`, the search trial it reruns).
 
-`merged` folds these into one flat dict (`point` over the searched values over
-`train` over the constants) and drops what does not apply to the trial's
-scheme (`applies`: `delta_rel` means something only to the large-loss
-schemes). Everything downstream reads a trial through this module: the
-trainable (`train_config`), the MLflow logger (`params`, `Point`), the final
-stage (`Point`, `final_point`), the trial folders (`dirname`) and the
-benchmarks.
+`Trial.parse` reads such a dict once into a typed `Trial`: one flat dict of
+TrainConfig fields (`point` over the searched values over `train` over the
+constants) without what does not apply to the trial's scheme (`applies`:
+`delta_rel` means something only to the large-loss schemes), its data's
+identity and whether it is a final rerun. Everything downstream reads a trial
+through it: the trainable (`train_config`), the MLflow logger (`params`,
+`point`), warm start (`params`), the final stage (`point`, `final_point`), the
+trial folders (`dirname`) and the benchmarks.
 """
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ from typing import Any
 
 from wsml.config import LL_SCHEMES, OPTIMIZERS, TrainConfig
 
-from orchestration.common import method_name, redact
+from orchestration.common import PARAM_DATA, method_name, redact
 
 # Values a sweep may search (the order in which they are shown).
 SEARCHED = ("scheme", "mode", "optimizer", "delta_rel", "lr", "linear_init_lr", "boostlu_alpha")
 # Keys of a trial's config that are not TrainConfig fields.
-_META = ("wsml_sweep", "wsml_source_trial", "point", "train")
+DATA_KEY = "wsml_data"
+_META = ("wsml_sweep", "wsml_source_trial", "point", "train", DATA_KEY)
 # Optuna's names of an lr searched with one range per optimizer (orchestration.space): the
 # proposal carries the value as `lr` too.
 _OPTUNA_ONLY = {f"lr_{o}" for o in OPTIMIZERS}
@@ -48,43 +52,69 @@ def applies(name: str, scheme: str, mode: str = "end-to-end") -> bool:
 
 
 def base_config(*, dataset: str, epochs: int, train: dict[str, Any], sweep: str, data_root: str | None,
-                cache_dir: str) -> dict[str, Any]:
-    """A sweep's constants: Tune's param_space before the searched values are added."""
-    return {"dataset": dataset, "epochs": epochs, "seed": 0, "device": "auto", "data_root": data_root,
+                cache_dir: str, data_id: str | None = None) -> dict[str, Any]:
+    """A sweep's constants: Tune's param_space before the searched values are added. `data_id`: the
+    identity of the data (None: not known where the driver runs)."""
+    base = {"dataset": dataset, "epochs": epochs, "seed": 0, "device": "auto", "data_root": data_root,
             "train": {"cache_dir": cache_dir, **train}, "wsml_sweep": sweep}
+    if data_id is not None:
+        base[DATA_KEY] = data_id
+    return base
 
 
-def merged(config: dict[str, Any]) -> dict[str, Any]:
-    """The trial's values as one flat dict of TrainConfig fields (see the module docstring)."""
-    values = {k: v for k, v in config.items() if k not in _META and k not in _OPTUNA_ONLY}
-    values.update(config.get("train") or {})
-    values.update({k: v for k, v in (config.get("point") or {}).items() if k not in _META})
-    for name in SEARCHED:
-        if name in values and not applies(name, values.get("scheme", ""), values.get("mode", "end-to-end")):
-            del values[name]
-    return values
+@dataclass(frozen=True)
+class Trial:
+    """One trial, parsed once from Tune's config dict (its layout: the module docstring).
+
+    `values` is the trial's training configuration as one flat dict of TrainConfig fields, without what
+    does not apply to its scheme.
+    """
+
+    values: dict[str, Any]
+    sweep: str | None = None
+    data_id: str | None = None          # the identity of the data it is planned on; None: not known
+    final: bool = False                 # a final-seed rerun of a search trial
+    source_trial: str | None = None     # ... that search trial
+
+    @classmethod
+    def parse(cls, config: dict[str, Any]) -> Trial:
+        values = {k: v for k, v in config.items() if k not in _META and k not in _OPTUNA_ONLY}
+        values.update(config.get("train") or {})
+        point = config.get("point") or {}
+        values.update({k: v for k, v in point.items() if k not in _META})
+        return cls(values=_applying(values), sweep=config.get("wsml_sweep"), data_id=config.get(DATA_KEY),
+                   final="point" in config, source_trial=point.get("wsml_source_trial"))
+
+    def train_config(self) -> TrainConfig:
+        """The trial's `TrainConfig`, resolved and validated (the trainer's own checks)."""
+        return TrainConfig.from_dict(self.values).resolve()
+
+    def params(self) -> dict[str, str]:
+        """Its MLflow params: the whole training config (redacted, paths left out), the identity of its
+        data (`data_fingerprint`) and the search trial a final run reruns."""
+        try:
+            values = _applying(self.train_config().to_dict())
+        except Exception:  # noqa: BLE001 - a config the trainer refuses: log what it says; the trial reports why
+            values = dict(self.values)
+        out = {k: redact(str(v)) for k, v in values.items() if k not in _NOT_PARAMS}
+        if self.data_id:
+            out[PARAM_DATA] = str(self.data_id)
+        if self.source_trial:
+            out["source_trial"] = str(self.source_trial)
+        return out
+
+    @property
+    def point(self) -> Point:
+        v = self.values
+        searched = {k: v[k] for k in SEARCHED[2:] if v.get(k) is not None}
+        return Point(scheme=str(v.get("scheme", "?")), mode=str(v.get("mode", "end-to-end")),
+                     seed=int(v.get("seed", 0)), values=searched, final=self.final, source_trial=self.source_trial)
 
 
-def train_config(config: dict[str, Any]) -> TrainConfig:
-    """The trial's `TrainConfig`, resolved and validated."""
-    return TrainConfig.from_dict(merged(config)).resolve()
-
-
-def params(config: dict[str, Any]) -> dict[str, str]:
-    """The trial's MLflow params: its whole training config (redacted, paths left out), and the
-    search trial a final run reruns."""
-    try:
-        values = train_config(config).to_dict()
-    except Exception:  # noqa: BLE001 - a config the trainer refuses: log what it says; the trial reports why
-        values = merged(config)
-    for name in SEARCHED:
-        if name in values and not applies(name, values.get("scheme", ""), values.get("mode", "end-to-end")):
-            del values[name]
-    out = {k: redact(str(v)) for k, v in values.items() if k not in _NOT_PARAMS}
-    source = (config.get("point") or {}).get("wsml_source_trial")
-    if source:
-        out["source_trial"] = str(source)
-    return out
+def _applying(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` without the searched values that mean nothing to its scheme and mode."""
+    scheme, mode = values.get("scheme", ""), values.get("mode", "end-to-end")
+    return {k: v for k, v in values.items() if k not in SEARCHED or applies(k, scheme, mode)}
 
 
 @dataclass(frozen=True)
@@ -99,13 +129,8 @@ class Point:
     source_trial: str | None = None
 
     @classmethod
-    def of(cls, config: dict[str, Any]) -> "Point":
-        v = merged(config)
-        scheme = str(v.get("scheme", "?"))
-        searched = {k: v[k] for k in SEARCHED[2:] if v.get(k) is not None}
-        return cls(scheme=scheme, mode=str(v.get("mode", "end-to-end")), seed=int(v.get("seed", 0)),
-                   values=searched, final="point" in config,
-                   source_trial=(config.get("point") or {}).get("wsml_source_trial"))
+    def of(cls, config: dict[str, Any]) -> Point:
+        return Trial.parse(config).point
 
     @property
     def method(self) -> str:
@@ -147,6 +172,6 @@ def dirname(trial) -> str:
 
 def final_point(config: dict[str, Any], seed: int, source_trial: str) -> dict[str, Any]:
     """The `point` of a final rerun of the search trial whose config is `config`."""
-    v = merged(config)
+    v = Trial.parse(config).values
     point = {k: v[k] for k in SEARCHED if k in v}
     return {**point, "seed": seed, "wsml_source_trial": source_trial}

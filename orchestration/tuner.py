@@ -26,10 +26,11 @@ from recorded results, groups that ran out of new configurations).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from orchestration import trial as trial_config
-from orchestration.common import METRIC, MODE
+from orchestration.common import METRIC, MODE, redact
 from orchestration import per_scheme
 from orchestration.space import SweepSpace
 
@@ -74,7 +75,7 @@ def restore(path: str, trainable: Callable, resources: dict[str, float], keep_ch
     from ray import tune
 
     for folder in stand_in_for_lost_checkpoints(path, keep_checkpoints):
-        print(f"note: the checkpoints of trial folder {folder} are gone: that trial starts over")
+        print(f"note: the checkpoints of trial folder {redact(folder)} are gone: that trial starts over")
     return tune.Tuner.restore(path, trainable=tune.with_resources(trainable, resources), resume_errored=True)
 
 

@@ -6,7 +6,7 @@
 # The first node (the head: `ray up` sets it up before any worker) builds .venv with
 # scripts/setup.sh and publishes it as one archive in SHARED_DIR/venvs/; every later node, and
 # every node the autoscaler adds, unpacks that archive instead of downloading and installing the
-# 6.5 GB of requirements.txt again (README, "On a cluster": 39 s against 705 s here). The
+# 6.5 GB of requirements.txt again (docs/aws.md, "Node set-up without the package index": 39 s against 705 s here). The
 # archive is named by requirements.txt + pyproject.toml, the Python version, the machine and the
 # venv's path (a venv is tied to its path and interpreter: the cluster files give every node the
 # same user, home and python3.11), so a changed requirements.txt makes a new one. An unpacked

@@ -403,9 +403,6 @@ def ray_cli() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
-def cluster_docs(readme: Path) -> str:
-    """The README's "On a cluster" section: the commands users copy, tested word for word."""
-    text = readme.read_text()
-    start = text.index("\n## On a cluster\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else len(text)]
+def cluster_docs(page: Path) -> str:
+    """docs/aws.md: the commands users copy, tested word for word."""
+    return page.read_text()

@@ -1,4 +1,12 @@
-"""Fixtures shared by the test modules: a Ray cluster and an MLflow server, each started and taken down here."""
+"""Fixtures shared by the test modules, and the test tiers.
+
+Services (a Ray cluster, an `mlflow server`) are started once per test session (per xdist worker)
+and taken down at its end; tests that share one use names of their own (sweep and experiment names).
+
+Tiers: `bash scripts/test.sh --fast` runs `-m "not slow and not service"`. A test that uses one of
+the service fixtures below is marked `service` and `slow` here, so the fast tier cannot start one by
+accident; tests that start a service themselves carry the marks in their module.
+"""
 from __future__ import annotations
 
 import os
@@ -7,10 +15,26 @@ import pytest
 
 from tests.helpers import MlflowServer, small_images
 
+# fixture -> the marks of every test that uses it (a service is never in the fast tier)
+SERVICE_FIXTURES = {
+    "ray_address": ("service", "slow"),
+    "mlflow_server": ("service", "slow"),
+    "digits_sweep": ("service", "slow"),
+    "gpu_without_cuda": ("service", "slow"),     # tests/test_gpu_check.py's own cluster
+}
 
-@pytest.fixture(scope="module")
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marks in SERVICE_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                for mark in marks:
+                    item.add_marker(mark)
+
+
+@pytest.fixture(scope="session")
 def ray_address():
-    """One Ray cluster (2 CPUs, no dashboard) for the sweeps of a module; they join it with --address."""
+    """One Ray cluster (2 CPUs, no dashboard) for the whole session; sweeps join it with --address."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from ray.cluster_utils import Cluster
 
@@ -21,14 +45,32 @@ def ray_address():
         cluster.shutdown()
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on 127.0.0.1:<free port> with a SQLite store in tmp_path; yields the server."""
-    server = MlflowServer(tmp_path / "server.db", tmp_path / "artifacts", tmp_path / "server.log").start()
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1:<free port> with a SQLite store, for the whole session: each test
+    writes to an experiment of its own name."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    server = MlflowServer(folder / "server.db", folder / "artifacts", folder / "server.log").start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_sweep(tmp_path_factory, worker_id):
+    """The demo sweep as `scripts/demo.sh` runs it, shrunk (tests/shared_sweep.py): run once per test
+    run, by the first xdist worker that asks (the others wait on the lock and read its outcome), and
+    read by the demo, aggregate and UI tests."""
+    from filelock import FileLock
+
+    from tests.shared_sweep import shrunk_demo
+
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":            # xdist: the workers' temp folders share this parent
+        shared = shared.parent
+    with FileLock(str(shared / "digits-sweep.lock")):
+        return shrunk_demo(shared / "digits-sweep")
 
 
 @pytest.fixture

@@ -32,12 +32,13 @@ from tests.helpers import ROOT as REPO
 from tests.helpers import free_port, poll
 
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+REFUSING_PROVIDER = "tests.fake_cluster.RefusingProvider"
 HEAD_TYPE = "ray.head.default"
 
 
 class FakeAutoscalingCluster:
     def __init__(self, worker_types: dict[str, dict], *, upscaling_speed: float, max_workers: int,
-                 node_env: dict[str, str] | None = None):
+                 node_env: dict[str, str] | None = None, refuse: dict[str, str] | None = None):
         from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
         self.head_id = FAKE_HEAD_NODE_ID
@@ -51,7 +52,9 @@ class FakeAutoscalingCluster:
         self.config = {
             "cluster_name": "wsml-fake", "max_workers": max_workers, "upscaling_speed": upscaling_speed,
             "idle_timeout_minutes": 5,
-            "provider": {"type": "external", "module": PROVIDER, "gcs_address": self.address,
+            # `refuse`: node type -> the error every launch of it fails with at once (RefusingProvider)
+            "provider": {"type": "external", "module": REFUSING_PROVIDER if refuse else PROVIDER,
+                         "refuse": refuse or {}, "gcs_address": self.address,
                          "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID,
                          "disable_node_updaters": True, "disable_launch_config_check": True},
             "auth": {"ssh_user": "nobody"},
@@ -82,6 +85,7 @@ class FakeAutoscalingCluster:
                "RAY_NODE_TYPE_NAME": HEAD_TYPE, "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         env.pop("RAY_ADDRESS", None)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # RefusingProvider
         agent, metrics, client, runtime_env = (free_port() for _ in range(4))
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={self.port}",
                f"--autoscaling-config={cfg}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
@@ -164,10 +168,33 @@ class FakeAutoscalingCluster:
         return mine
 
 
+def _refusing_provider():
+    from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+    from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
+
+    class RefusingProvider(FakeMultiNodeProvider):
+        """The fake provider, whose launches of the node types in the provider config's `refuse` fail at once
+        with the error given there, as EC2 refuses an instance type beyond the account's vCPU quota."""
+
+        def create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+            refused = self.provider_config.get("refuse", {}).get(tags[TAG_RAY_USER_NODE_TYPE])
+            if refused:
+                raise RuntimeError(refused)
+            return super().create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
+
+    return RefusingProvider
+
+
+def __getattr__(name: str):
+    if name == "RefusingProvider":      # made on demand: importing this module must not import Ray
+        return _refusing_provider()
+    raise AttributeError(name)
+
+
 def watch(address: str, out: Path, interval: float = 0.3) -> None:
     """Append what the GCS says every `interval` s to `out`, one JSON line each: seconds since the start,
     every node (id, alive, head, start time in ms, labels), the GPU bundles of the demand that waits (placement
-    groups and tasks), and the autoscaler's pending launch requests ([node type, count, time])."""
+    groups, tasks and resource requests), and the autoscaler's pending launch requests ([node type, count, time])."""
     from ray._raylet import GcsClient
     from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
     from ray.core.generated import autoscaler_pb2, gcs_pb2
@@ -186,9 +213,13 @@ def watch(address: str, out: Path, interval: float = 0.3) -> None:
             time.sleep(interval)
             continue
         demand = status.cluster_resource_state
+        # GPU bundles asked for: Tune's placement groups and tasks, and the sweep's own resource request
+        # (orchestration.cluster.wait_for_gpus) made before Tune starts on a cluster without GPU nodes
         gpus = (sum(int(b.resources_bundle.get("GPU", 0) > 0)
                     for g in demand.pending_gang_resource_requests for b in g.requests)
                 + sum(r.count for r in demand.pending_resource_requests
+                      if r.request.resources_bundle.get("GPU", 0) > 0)
+                + sum(r.count for c in demand.cluster_resource_constraints for r in c.resource_requests
                       if r.request.resources_bundle.get("GPU", 0) > 0))
         launches = [[r.ray_node_type_name, r.count, r.request_ts]
                     for r in status.autoscaling_state.pending_instance_requests]

@@ -20,13 +20,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "orchestration" / "sweep.py"
 
 
+CALLERS_SETTINGS = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "WSML_STORAGE", "WSML_CACHE", "WSML_SHARED_CACHE",
+                    "WSML_FAKE_GPUS")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment of a subprocess under test: no cluster or store of the caller's, no telemetry."""
     env = dict(os.environ)
-    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "WSML_STORAGE", "WSML_CACHE", "WSML_SHARED_CACHE",
-              "WSML_FAKE_GPUS"):
+    for k in CALLERS_SETTINGS:
         env.pop(k, None)
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/",
+    # RAY_ADDRESS=local: a sweep without --address starts its own Ray, never joins a cluster that another
+    # test started with `ray start` on this machine (which a sweep on a cluster's head joins)
+    env.update(RAY_ADDRESS="local", RAY_USAGE_STATS_ENABLED="0", RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/",
                MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.update(extra)
     return env
@@ -78,9 +83,53 @@ def write_space(path: Path, *, num_samples: int, epochs: int, grace: int = 2, fi
     return path
 
 
+def write_grid_space(path: Path, *, dataset: str = "digits", deltas: str, lrs: str, start_with: str,
+                     num_samples: int, epochs: int, max_failures: int, train: str) -> Path:
+    """A space file of LL-R over a grid (`deltas`, `lrs`: YAML lists), each configuration once at most;
+    `train` the fixed settings (a YAML mapping's body)."""
+    path.write_text(textwrap.dedent(f"""\
+        dataset: {dataset}
+        search:
+          scheme: [LL-R]
+          delta_rel: {{values: {deltas}}}
+          lr: {{values: {lrs}}}
+        start_with: {start_with}
+        num_samples: {num_samples}
+        epochs: {epochs}
+        search_seed: 0
+        scheduler: {{grace_period: 2, reduction_factor: 2}}
+        resources: {{cpus_per_trial: 1, gpus_per_trial: 0}}
+        final_seeds: 0
+        max_failures: {max_failures}
+        train: {{{train}}}
+        """))
+    return path
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SWEEP), *args], cwd=cwd, env=clean_env(**env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def sweep_in_process(args: list[str], cwd: Path, capsys) -> subprocess.CompletedProcess:
+    """`orchestration/sweep.py ARGS` run in this process (where the process boundary is not what a test is
+    about: it saves the imports of a new interpreter), in `cwd`, with the environment of `clean_env` and
+    restored afterwards; its output as a CompletedProcess, like `run_cli`'s."""
+    from orchestration.sweep import main
+
+    before, here = dict(os.environ), os.getcwd()
+    os.environ.clear()
+    os.environ.update(clean_env())
+    capsys.readouterr()
+    try:
+        os.chdir(cwd)
+        code = main(list(args))
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(before)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 class SweepProcess:

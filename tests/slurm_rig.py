@@ -8,10 +8,14 @@ one GPU backed by /dev/null: SLURM grants it (SLURM_GPUS_ON_NODE,
 CUDA_VISIBLE_DEVICES) as on a GPU node, though no GPU exists. Every process the
 rig starts, and everything SLURM starts for it, carries `SLURM_CONF=<its
 slurm.conf>` in its environment; `leftovers` finds them by that.
+
+Its folder and munge socket are open to other users, so that an unprivileged
+user can submit (`sbatch(user=)`).
 """
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -70,7 +74,7 @@ class SlurmRig:
 
     def _start_munged(self, timeout: float) -> None:
         d = self.sock.parent
-        d.mkdir(mode=0o700, parents=True)
+        d.mkdir(mode=0o755, parents=True)      # the socket must be reachable for an unprivileged user's sbatch
         key = d / "munge.key"
         subprocess.run([_which("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
         # --force: the socket folder lies in a private (0700) tmp folder, which munged warns about
@@ -159,9 +163,16 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
 
-    def sbatch(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
-        r = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
-                           capture_output=True, text=True, timeout=60)
+    def sbatch(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+               user: pwd.struct_passwd | None = None) -> str:
+        """Submit a job (as `user`, with their HOME, USER and a plain PATH, when given); its id."""
+        cmd = ["sbatch", "--parsable", *args]
+        full = {**self.env, **(env or {})}
+        if user is not None:
+            cmd = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", *cmd]
+            full.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name,
+                        PATH="/usr/local/bin:/usr/bin:/bin", **(env or {}))
+        r = subprocess.run(cmd, env=full, cwd=cwd, capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r.stdout.strip().split(";")[0]

@@ -138,7 +138,7 @@ def expected_cell(values: np.ndarray | None, ref: float | None) -> str:
 def test_table1_every_cell_matches_mlflow(store, tmp_path):
     uri, client = store
     out = tmp_path / "results"
-    res = A.aggregate(uri, None, out)
+    res = A.aggregate(uri, None, out, all_columns=True)       # the paper's whole grid (the default: below)
     assert sorted(res.experiments) == ["digits-ll", "voc-e2e", "voc-li"]
     for name in OUTPUTS:
         assert (out / name).is_file(), name
@@ -257,8 +257,13 @@ def test_sweep_summary_counts(store, tmp_path):
     assert float(total["epochs"]) == sum(r.data.metrics[T.EPOCHS_RUN] for r in trials)
     md = (out / "sweeps.md").read_text()
     assert "## digits-ll (digits, End-to-end)" in md and "asha_stopped" in md
-    # Table 1 for one experiment only: VOC cells are empty.
+    # Table 1 for one experiment only: the columns with runs (digits end-to-end), the CSV the paper's grid
     header, table = md_table(out / "table1.md")
+    assert header[1:] == ["End-to-end digits"] and table["LL-R"][0].startswith("50.40 ± 0.79 (n=3)")
+    csv_cols = {(r["dataset"], r["mode"]) for r in read_csv(out / "table1.csv")}
+    assert ("pascal", "end-to-end") in csv_cols and ("coco", "linear-init") in csv_cols
+    A.aggregate(uri, ["digits-ll"], out / "all", figures=False, all_columns=True)
+    header, table = md_table(out / "all" / "table1.md")
     assert table["LL-R"][header.index("End-to-end VOC") - 1] == "– · paper 89.2"
 
 
@@ -286,7 +291,9 @@ def test_boostlu_rows_and_table(tmp_path):
     specs = (final_specs("LL-R", plain) + final_specs("LL-R", boosted, boostlu_alpha=5.0)
              + final_specs("AN", [41.0, 42.0]))
     write_sweep(client, "boost", "digits", "end-to-end", specs)
-    res = A.aggregate(uri, None, tmp_path / "out", figures=False)
+    header, _ = md_table(A.aggregate(uri, None, tmp_path / "ours", figures=False).out_dir / "boostlu.md")
+    assert header[1:] == ["single positive label digits"]      # by default the columns with runs only
+    res = A.aggregate(uri, None, tmp_path / "out", figures=False, all_columns=True)
     t1 = res.table1.set_index(["method", "dataset", "mode"])
     cell = t1.loc[("LL-R + BoostLU", "digits", "end-to-end")]
     assert cell["n"] == 3 and cell["mean"] == pytest.approx(np.mean(boosted))
@@ -379,6 +386,7 @@ def test_cli_missing_store_writes_nothing_and_creates_no_db(tmp_path):
     assert not (tmp_path / "res").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_empty_store_unknown_and_unfinished_experiments(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
@@ -450,6 +458,7 @@ def test_default_uri_is_mlflows_and_the_callers_setting_is_kept(store, tmp_path,
     assert not (tmp_path / "elsewhere.db").exists()
 
 
+@pytest.mark.slow
 def test_cli_masks_a_password_in_the_uri(tmp_path):
     """Every line the aggregate prints about a store whose URI holds a password masks it."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -466,6 +475,7 @@ def test_cli_masks_a_password_in_the_uri(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_gives_up_on_an_unreachable_server_within_30_s(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(ROOT))
@@ -489,30 +499,18 @@ def _free_port() -> int:
 
 # --------------------------------------------------------------------------- a real sweep
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_real_digits_sweep_end_to_end(tmp_path):
-    """orchestration/sweep.py on the built-in digits (AN and the LL schemes, a tiny budget), then
+def test_real_digits_sweep_end_to_end(digits_sweep):
+    """The session's real digits sweep (tests/shared_sweep.py: AN and the LL schemes, a tiny budget), then
     the tables it aggregated, cell by cell, against the runs in its MLflow store."""
-    sweep = ROOT / "orchestration" / "sweep.py"
-    if not sweep.is_file():
-        pytest.skip("orchestration/sweep.py is not there yet")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = tmp_path / "results"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    schemes = ["AN", "LL-R", "LL-Ct", "LL-Cp"]
-    p = subprocess.run(
-        [sys.executable, str(sweep), "--dataset", "digits", "--schemes", ",".join(schemes),
-         "--num-samples", "4", "--epochs", "3", "--final-seeds", "2", "--name", "e2e-digits",
-         "--storage", str(tmp_path / "ray"), "--mlflow-uri", uri, "--results-dir", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1100)
-    assert p.returncode == 0, (p.stdout[-3000:] + p.stderr[-5000:])
+    from tests.shared_sweep import FINAL_SEEDS, NAME
+
+    uri, out = digits_sweep["uri"], digits_sweep["cwd"] / "results"
+    schemes = digits_sweep["space"]["search"]["scheme"]
+    assert schemes == ["AN", "LL-R", "LL-Ct", "LL-Cp"]
     for name in OUTPUTS:
-        assert (out / name).is_file(), f"the sweep did not aggregate {name}:\n{p.stdout[-2000:]}"
+        assert (out / name).is_file(), f"the sweep did not aggregate {name}:\n{digits_sweep['out'][-2000:]}"
     figs = sorted(x.name for x in (out / "figures").iterdir())
-    assert figs == ["e2e-digits-memorization.png", "e2e-digits-val_map.png", "table1_vs_paper.png"]
+    assert figs == [f"{NAME}-memorization.png", f"{NAME}-val_map.png", "table1_vs_paper.png"]
 
     client = MlflowClient(tracking_uri=uri)
     finals = finals_from_mlflow(client)
@@ -527,14 +525,14 @@ def test_real_digits_sweep_end_to_end(tmp_path):
         if vals is None:
             assert int(r["n"]) == 0
             continue
-        assert int(r["n"]) == vals.size == 2                   # --final-seeds 2
+        assert int(r["n"]) == vals.size == FINAL_SEEDS
         assert float(r["mean"]) == pytest.approx(vals.mean(), abs=1e-4)
         assert float(r["std"]) == pytest.approx(vals.std(ddof=1), abs=1e-4)
 
-    exp = client.get_experiment_by_name("e2e-digits")
+    exp = client.get_experiment_by_name(NAME)
     runs = client.search_runs([exp.experiment_id])
     trials = [r for r in runs if r.data.tags.get(T.TAG_ROLE) == T.ROLE_TRIAL]
-    assert len(trials) == 4
+    assert len(trials) == len(schemes)
     summary = {r["scheme"]: r for r in read_csv(out / "sweeps.csv")}
     for scheme in {t.data.tags[T.TAG_SCHEME] for t in trials}:
         mine = [t for t in trials if t.data.tags[T.TAG_SCHEME] == scheme]
@@ -544,9 +542,9 @@ def test_real_digits_sweep_end_to_end(tmp_path):
         assert int(row["trials"]) == len(mine) and int(row["asha_stopped"]) == len(asha)
         assert float(row["epochs"]) == sum(t.data.metrics[T.EPOCHS_RUN] for t in mine)
         assert row["best_run_id"] == best.info.run_id
-        assert int(row["final_runs"]) == (2 if (scheme, "digits", "end-to-end") in finals else 0)
+        assert int(row["final_runs"]) == (FINAL_SEEDS if (scheme, "digits", "end-to-end") in finals else 0)
     if len(summary) > 1:
-        assert int(summary["all"]["trials"]) == 4
+        assert int(summary["all"]["trials"]) == len(schemes)
 
 
 def test_sweeps_md_shows_the_estimate_beside_what_was_spent(tmp_path):

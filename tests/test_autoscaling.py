@@ -21,7 +21,7 @@ import yaml
 from tests.fake_cluster import FakeAutoscalingCluster
 from tests.helpers import ROOT, SweepProcess, ray_trials, write_space
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(900)]
 
 ON_DEMAND, SPOT = "gpu_1x", "gpu_1x_spot"
 

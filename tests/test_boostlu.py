@@ -121,6 +121,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "wsml.train", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_trains_records_alpha_and_refuses_another_on_resume(tmp_path):
     from wsml.checkpoint import load_checkpoint, save_checkpoint
 

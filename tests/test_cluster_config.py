@@ -4,7 +4,7 @@ First Ray's own validation, as `ray up` runs it before launching anything; then
 what Ray lets through (typos inside `provider` and `node_config`, min > max
 workers, ports open to the internet) and what this project wants of its
 cluster (a head without trials, GPU workers that scale to zero, one install
-for both files, the AMI and the paths set in one place). the README is
+for both files, the AMI and the paths set in one place). docs/aws.md is
 checked against the real `ray` CLI and sweep.py's options.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests import cluster_helpers as ch
 REPO = ch.REPO
 AWS = REPO / "cluster.yaml"
 LOCAL = REPO / "cluster.local.yaml"
-DOCS = REPO / "README.md"   # its "On a cluster" section
+DOCS = REPO / "docs" / "aws.md"
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def test_on_demand_gpus_first_then_spot(aws):
     assert spot, "a spot GPU worker type"
     for name, w in spot.items():
         assert w["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
-        twin = [n for n, o in workers.items() if n not in spot and o["resources"] == w["resources"]
+        twin = [n for n, o in workers.items() if n not in spot and _trial_resources(o) == _trial_resources(w)
                 and o["node_config"]["InstanceType"] == w["node_config"]["InstanceType"]]
         assert len(twin) == 1, f"{name}: want one on-demand type of the same instance type"
         on_demand = workers[twin[0]]
@@ -264,6 +264,35 @@ def test_on_demand_gpus_first_then_spot(aws):
         assert w["max_workers"] > on_demand["max_workers"]
     starts = " ".join(aws["worker_start_ray_commands"])
     assert "orchestration.spot_watch --address=$RAY_HEAD_IP:6379" in starts and "flock -n" in starts
+
+
+def _trial_resources(node_type: dict) -> dict:
+    return {k: v for k, v in node_type["resources"].items() if k in ("CPU", "GPU")}
+
+
+def test_every_gpu_type_can_be_asked_for_by_name(aws):
+    """The sweep falls back from a type EC2 refuses to the next by asking for the next type's own resource."""
+    from orchestration.cluster import TYPE_RESOURCE, gpu_node_types
+
+    types = gpu_node_types(aws)
+    assert [t.name for t in types][-1] == "gpu_1x_spot" and all(t.marked for t in types)
+    for name, w in _worker_types(aws).items():
+        assert {k for k in w["resources"] if k not in ("CPU", "GPU")} == {TYPE_RESOURCE + name}
+
+
+def test_workers_instance_profile_for_s3_is_one_uncomment_away(aws):
+    """With --storage s3://, each worker needs an instance profile: the line is there in every worker type,
+    commented out (EFS, the default, needs none), and the file with it still passes both checks."""
+    line = "      # IamInstanceProfile: {Name: wsml-worker}\n"
+    text = AWS.read_text()
+    assert text.count(line) == len(_worker_types(aws))
+    import yaml
+
+    with_profile = yaml.safe_load(text.replace(line, line.replace("# ", "")))
+    check(with_profile)
+    assert all(w["node_config"]["IamInstanceProfile"] == {"Name": "wsml-worker"}
+               for w in _worker_types(with_profile).values())
+    assert "IamInstanceProfile" not in with_profile["available_node_types"]["head"]["node_config"]
 
 
 def test_one_round_asks_for_every_node(aws):
@@ -316,7 +345,7 @@ def test_file_mounts_carry_the_source_and_nothing_big(aws):
     assert ".venv" not in sources and "data" not in sources
 
 
-# --- the README only uses commands and options that exist ----------------
+# --- docs/aws.md only uses commands and options that exist ----------------
 
 def _doc_commands() -> list[str]:
     return [ln.strip() for ln in ch.cluster_docs(DOCS).splitlines() if ln.strip().startswith("ray ")]

@@ -138,6 +138,7 @@ def _build_in_child(spec, log):
         f.write(f"{build_shard(spec).built}\n")
 
 
+@pytest.mark.slow
 def test_two_processes_build_a_shard_once(images, tmp_path):
     spec = plan(images, 32, tmp_path / "cache").shards[0]
     log = tmp_path / "built.txt"
@@ -300,8 +301,9 @@ def test_twenty_thousand_images_with_bounded_memory(tmp_path):
 
 
 def test_image_cache_key_in_a_space_file_reaches_the_trial(tmp_path):
-    from orchestration.space import TRAIN_KEYS, load_space
-    from orchestration.trial import train_config
+    from orchestration.space import load_space
+    from orchestration.space_checks import TRAIN_KEYS
+    from orchestration.trial import Trial
 
     assert "image_cache" in TRAIN_KEYS and "image_decode" in TRAIN_KEYS
     source = open(os.path.join(os.path.dirname(__file__), "..", "search_spaces", "coco.yaml")).read()
@@ -309,8 +311,8 @@ def test_image_cache_key_in_a_space_file_reaches_the_trial(tmp_path):
     space_file.write_text(source.replace("train:\n", "train:\n  image_cache: compact\n", 1))
     space = load_space("coco", space_file)
     assert space.train["image_cache"] == "compact"
-    cfg = train_config({"dataset": "coco", "scheme": "LL-R", "delta_rel": 0.2, "lr": 1e-5, "epochs": 2,
-                        "train": dict(space.train)})
+    cfg = Trial.parse({"dataset": "coco", "scheme": "LL-R", "delta_rel": 0.2, "lr": 1e-5, "epochs": 2,
+                        "train": dict(space.train)}).train_config()
     assert cfg.image_cache == "compact"
 
 

@@ -1,50 +1,45 @@
 """The demo as a person runs it, shrunk: `scripts/demo.sh`'s space file with fewer trials, epochs, seeds and
 mosaics, Ray in-process, default output (no --verbose), MLflow's default store in the working folder.
 
-One sweep for the module; its tests read it: the table shows AN beside the large-loss schemes with
+One sweep for the session (tests/shared_sweep.py); these tests read it: the table shows AN beside the large-loss schemes with
 seeds, the output is one line per trial event and a status line (no Ray table, no library info lines),
 and the sweep's parent run in MLflow carries results/ (Table 1 and the figures) as artifacts.
 """
 from __future__ import annotations
 
 import re
-import shlex
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from tests.helpers import ROOT, mlflow_runs, ray_trials, run_cli
+from tests.helpers import mlflow_runs, ray_trials
+from tests.shared_sweep import FINAL_SEEDS, demo_space_path
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.timeout(900)]
 
-FINAL_SEEDS = 2
 EVENT = re.compile(r"^\[(\d+:)?\d+:\d\d\] (start|end|failed|retry) +(.+?)(  .*)?$")
 
 
-def demo_space_path() -> Path:
-    """The space file scripts/demo.sh runs (read from the script, not assumed)."""
-    words = shlex.split((ROOT / "scripts" / "demo.sh").read_text().splitlines()[-1])
-    assert words[:3] == ["exec", ".venv/bin/python", "orchestration/sweep.py"] and words[-1] == "$@"
-    return ROOT / words[words.index("--space") + 1]
+@pytest.fixture
+def demo(digits_sweep):
+    return digits_sweep
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The demo's space with 1 trial per scheme, 2 epochs, 2 final seeds and 200 training mosaics."""
-    cwd = tmp_path_factory.mktemp("demo")
-    space = yaml.safe_load(demo_space_path().read_text())
-    space["train"]["max_train_images"] = 200
-    (cwd / "space.yaml").write_text(yaml.safe_dump(space))
-    groups = len(space["search"]["scheme"])
-    t0 = time.time()
-    r = run_cli(["--dataset", "digits", "--space", "space.yaml", "--name", "demo", "--num-samples", str(groups),
-                 "--epochs", "2", "--final-seeds", str(FINAL_SEEDS)], cwd=cwd)
-    print(f"shrunk demo took {time.time() - t0:.0f} s, {len(r.stdout.splitlines())} lines")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return {"cwd": cwd, "out": r.stdout, "err": r.stderr, "space": space, "groups": groups}
+def _without_rays_worker_exit(err: str) -> str:
+    """stderr less the traceback Ray 2.60 sometimes prints when it ends an idle trial worker (its SIGTERM
+    handler raises SystemExit inside a weakref callback: "Exception ignored in ... SystemExit: 1").
+    Ray's own noise, harmless, and not on every run; everything else on stderr still fails the test."""
+    lines, out, skipping = err.splitlines(), [], False
+    for line in lines:
+        body = re.sub(r"^(\x1b\[\d+m)?\(\w+ pid=\d+\)(\x1b\[0m)? ?", "", line)
+        if body.startswith("Exception ignored in: <function WeakSet"):
+            skipping = True
+        if not skipping:
+            out.append(line)
+        if skipping and body.strip() == "SystemExit: 1":
+            skipping = False
+    return "\n".join(out)
 
 
 def test_demo_space_is_the_papers_point():
@@ -69,6 +64,7 @@ def test_demo_table_has_an_beside_the_large_loss_schemes_with_seeds(demo):
     md = (demo["cwd"] / "results" / "table1.md").read_text()
     rows = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
     assert f"(n={FINAL_SEEDS})" in rows["AN"] and f"(n={FINAL_SEEDS})" in rows["LL-R"]
+    assert [c.strip() for c in rows["method"].split("|")[2:-1]] == ["End-to-end digits"]   # one column: ours
 
 
 def test_default_output_is_one_line_per_trial_event_and_status_lines(demo):
@@ -81,7 +77,7 @@ def test_default_output_is_one_line_per_trial_event_and_status_lines(demo):
     for noise in ("Started a local Ray instance", "A new study created", "Creating initial MLflow database",
                   "Token authentication", "INFO"):
         assert noise not in out + err, noise
-    assert err.strip() == "", err[-3000:]
+    assert _without_rays_worker_exit(err).strip() == "", err[-3000:]
 
     events = [EVENT.match(ln) for ln in lines]
     events = [m for m in events if m]
@@ -138,3 +134,6 @@ def test_parent_run_carries_table1_and_the_figures_as_artifacts(demo):
     assert stored.is_relative_to(cwd / "mlruns")
     assert (stored / "table1.md").read_bytes() == (results / "table1.md").read_bytes()
     assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}/artifacts" in demo["out"]
+    # the runs table, in MLflow 3's model-training view (tests/test_mlflow_ui.py opens it in a browser)
+    assert f"the sweep's runs: http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs?workflowType=" \
+           "machine_learning" in demo["out"]

@@ -12,7 +12,7 @@ import pytest
 from orchestration import estimate, per_scheme, throughput
 from orchestration.common import SweepError
 from orchestration.space import load_space
-from tests.helpers import ROOT, run_cli, write_space
+from tests.helpers import ROOT, run_cli, sweep_in_process, write_space
 
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
@@ -96,18 +96,39 @@ def test_estimate_adds_up(tmp_path):
     assert est.epoch_seconds == pytest.approx(epoch_s)
     assert est.trial_seconds == pytest.approx((est.search_epochs_expected + 24) * epoch_s)
     assert est.slots == 2
-    assert est.wall_seconds == pytest.approx(est.search_epochs_expected * epoch_s / 2 + math.ceil(6 / 2) * 4 * epoch_s)
+    up = estimate.TRIAL_STARTUP_S
+    assert est.startup_s == up > 0
+    assert est.wall_seconds == pytest.approx((est.search_epochs_expected * epoch_s + 6 * up) / 2
+                                             + math.ceil(6 / 2) * (4 * epoch_s + up))
     assert est.params()["estimate.gpu_hours"] == "0"
+
+
+def test_wall_time_counts_the_final_stage_and_every_trials_start_up(tmp_path):
+    def wall(final_seeds, startup_s):
+        space = load_space("digits", write_space(tmp_path / f"s{final_seeds}.yaml", num_samples=6, epochs=4,
+                                                 final_seeds=final_seeds, train_images=300))
+        est = estimate.for_resources(space, None, cpus_per_trial=1, gpus_per_trial=0, cpus=2, gpus=0,
+                                     gpu_name=None, where="test")
+        est.startup_s = startup_s
+        return est, est.wall_seconds
+
+    est, search_only = wall(0, 0.0)
+    full_trial = est.epochs * est.epoch_seconds
+    # the final stage: 3 groups x 2 seeds = 6 runs of all epochs, 2 at once
+    assert wall(2, 0.0)[1] == pytest.approx(search_only + 3 * full_trial)
+    # start-up: 6 search trials and 6 final runs, each 5 s before its first epoch, 2 at once
+    assert wall(2, 5.0)[1] == pytest.approx(search_only + 3 * full_trial + 6 * 5.0 / 2 + 3 * 5.0)
+    assert "5 s start-up per trial" in "\n".join(wall(2, 5.0)[0].lines())
 
 
 # ------------------------------------------------------------------ --dry-run
 @pytest.mark.parametrize("space_file", SPACES, ids=[p.stem for p in SPACES])
-def test_dry_run_estimates_every_shipped_space_and_creates_nothing(space_file, tmp_path):
+def test_dry_run_estimates_every_shipped_space_and_creates_nothing(space_file, tmp_path, capsys):
     """Every shipped space file: the estimate in seconds, from the official split sizes where the data set is
     not prepared (said), and nothing created: no MLflow store, Ray results, cache or results folder."""
     dataset = space_file.stem.split("-")[0]
     t0 = time.monotonic()
-    r = run_cli(["--dataset", dataset, "--space", str(space_file), "--dry-run"], cwd=tmp_path, timeout=300)
+    r = sweep_in_process(["--dataset", dataset, "--space", str(space_file), "--dry-run"], tmp_path, capsys)
     took = time.monotonic() - t0
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
@@ -125,8 +146,8 @@ def test_dry_run_estimates_every_shipped_space_and_creates_nothing(space_file, t
     print(f"{space_file.name}: dry run {took:.1f} s")
 
 
-def test_dry_run_gpus_and_checks(tmp_path):
-    r = run_cli(["--dataset", "cub", "--dry-run", "--gpus", "8", "--gpu-type", "H200"], cwd=tmp_path)
+def test_dry_run_gpus_and_checks(tmp_path, capsys):
+    r = sweep_in_process(["--dataset", "cub", "--dry-run", "--gpus", "8", "--gpu-type", "H200"], tmp_path, capsys)
     assert r.returncode == 0, r.stderr
     assert "with 8 trial(s) at once" in r.stdout and "on H200" in r.stdout
     # a real start's checks still apply: a bad option is one error line, exit 2, nothing created
@@ -134,7 +155,7 @@ def test_dry_run_gpus_and_checks(tmp_path):
                           (["--resume"], "--dry-run estimates a new sweep"),
                           (["--warm-start", "nope", "--mlflow-uri", f"sqlite:///{tmp_path}/x.db"],
                            "--warm-start: no MLflow store")):
-        r = run_cli(["--dataset", "digits", "--dry-run", *args], cwd=tmp_path)
+        r = sweep_in_process(["--dataset", "digits", "--dry-run", *args], tmp_path, capsys)
         assert r.returncode == 2 and r.stderr.startswith(f"error: {message}"), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

@@ -48,13 +48,13 @@ def by_epoch(rows: list[dict]) -> dict[int, float]:
 def _plain(config_json: str) -> tuple[tuple[int, float], ...]:
     import torch
 
-    from orchestration.trial import train_config
+    from orchestration.trial import Trial
     from wsml.train import run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # as in a Ray worker with one CPU (OMP_NUM_THREADS=1)
     try:
-        result = run(train_config(json.loads(config_json)), log=None)
+        result = run(Trial.parse(json.loads(config_json)).train_config(), log=None)
     finally:
         torch.set_num_threads(threads)
     return tuple((int(h["epoch"]), h["val_map"]) for h in result.history)
@@ -173,8 +173,10 @@ def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, ray_address):
                 [r for r in rows_by_trial(exp_dir).values() if r[-1]["epoch"] >= 1]) == 2)
             server.stop()
             down_at = sum(len(r) for r in rows_by_trial(exp_dir).values())
-            time.sleep(6)
-            during = sum(len(r) for r in rows_by_trial(exp_dir).values())
+            # the trials train on while the store is down (waited for, not timed: a loaded machine is slow)
+            during = sweep.wait_until("two more epochs while the MLflow server is down", lambda: (
+                lambda n: n if n >= down_at + 2 else 0)(sum(len(r) for r in rows_by_trial(exp_dir).values())),
+                timeout=180)
             server.start()                                                  # same port, same store
             assert sweep.finish() == 0, sweep.output()
             out = sweep.log_path.read_text() + sweep.err_path.read_text()

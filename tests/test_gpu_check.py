@@ -50,10 +50,10 @@ def test_setup_check_fails_loudly_only_where_a_gpu_cannot_be_used(monkeypatch, c
     if torch.cuda.is_available():
         pytest.skip("CUDA works here")
     monkeypatch.setattr(gpu_check, "nvidia_gpus", lambda: 0)
-    assert gpu_check.main() == 0                     # a CPU node (the head) has nothing to check
+    assert gpu_check.main([]) == 0                     # a CPU node (the head) has nothing to check
     assert "no NVIDIA GPU" in capsys.readouterr().out
     monkeypatch.setattr(gpu_check, "nvidia_gpus", lambda: 1)
-    assert gpu_check.main() == 1                     # a GPU on the bus that torch cannot use
+    assert gpu_check.main([]) == 1                     # a GPU on the bus that torch cannot use
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: gpu check: 1 NVIDIA GPU(s) but no CUDA device on node")
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from wsml.data.compact import build_shard, missing_shards, plan
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
 KILLED = 2          # the first builder of a shard with this index dies after writing 4 images

@@ -28,7 +28,13 @@ def _modules() -> dict[str, Path]:
 def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     """Project modules that `name` imports anywhere in its file (top level or inside functions)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    # imports for annotations only (`if TYPE_CHECKING:`) are not run: they make no cycle
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -55,7 +61,7 @@ def test_every_module_imports():
 def test_no_import_cycle():
     modules = _modules()
     graph = {name: _imports(path, name, set(modules)) for name, path in modules.items()}
-    assert graph["orchestration.sweep"] >= {"orchestration.space", "orchestration.tuner"}   # the graph is real
+    assert graph["orchestration.runner"] >= {"orchestration.plan", "orchestration.tuner"}    # the graph is real
     try:
         order = list(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as err:
@@ -108,3 +114,52 @@ def test_modules_are_importable_as_installed():
 
     assert Path(orchestration.__file__).parent.parent == Path(wsml.__file__).parent.parent
     assert any(m.name == "sweep" for m in pkgutil.iter_modules(orchestration.__path__))
+
+
+def _foreign_private_names(cls) -> set[str]:
+    """Private attribute names that Ray, MLflow and Optuna classes among `cls`'s bases define or set."""
+    import inspect
+
+    names: set[str] = set()
+    for base in cls.__mro__[1:]:
+        if base.__module__.split(".")[0] not in ("ray", "mlflow", "optuna"):
+            continue
+        names |= {n for n in vars(base) if n.startswith("_") and not n.startswith("__")}
+        try:
+            source = inspect.getsource(base)
+        except (OSError, TypeError):
+            continue
+        names |= set(re.findall(r"self\.(_[a-zA-Z]\w*)", source))
+    return names
+
+
+def test_private_attributes_only_behind_one_module():
+    """Ray's (and MLflow's, Optuna's) private attributes are touched in orchestration/private.py alone:
+    no `obj.__dict__` of another object, and no class of ours that subclasses theirs reads or sets one
+    of their private attributes through `self` (as `self._metric = ...` on a TrialScheduler did)."""
+    import inspect
+
+    for name, path in _modules().items():
+        if name == "orchestration.private":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "__dict__":
+                assert isinstance(node.value, ast.Name) and node.value.id == "self", \
+                    f"{name}:{node.lineno} reads another object's __dict__: go through orchestration.private"
+        module = importlib.import_module(name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != name:
+                continue
+            foreign = _foreign_private_names(cls)
+            if not foreign:
+                continue
+            cls_node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+            used = {n.attr for n in ast.walk(cls_node) if isinstance(n, ast.Attribute)
+                    and isinstance(n.value, (ast.Name, ast.Call)) and n.attr.startswith("_")
+                    and not n.attr.startswith("__")
+                    and (getattr(n.value, "id", None) == "self" or isinstance(n.value, ast.Call))}
+            own = {n.name for n in cls_node.body if isinstance(n, (ast.FunctionDef, ast.Assign))
+                   and getattr(n, "name", None)}
+            bad = (used & foreign) - own
+            assert not bad, f"{name}.{cls.__name__} touches {sorted(bad)} of a Ray/MLflow/Optuna base class"

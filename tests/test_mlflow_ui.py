@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.browser, pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(300)]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -51,14 +51,21 @@ CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-qu
                 "--disable-dev-shm-usage", "--window-size=1600,1000"]
 
 
-@pytest.fixture
-def browser():
+def _chromium():
+    """A headless Chromium with a fresh profile (nothing remembered of earlier visits)."""
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in CHROME_FLAGS:
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(120)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's tests (each loads its own page)."""
+    driver = _chromium()
     try:
         yield driver
     finally:
@@ -70,6 +77,16 @@ def _shot(driver, name: str) -> Path:
     path = SHOTS / name
     driver.save_screenshot(str(path))
     return path
+
+
+def _click(what: str, find, on_timeout=None, timeout: float = 60.0):
+    """Click what `find` returns once the page lets it be clicked: a tree node that has just been
+    rendered can be found before it is interactable (it was, once, in CI)."""
+    def attempt():
+        element = find()
+        element.click()
+        return element
+    return poll(what, attempt, timeout=timeout, on_timeout=on_timeout)
 
 
 def _close_assistant(driver) -> None:
@@ -85,13 +102,13 @@ def _close_assistant(driver) -> None:
 def _show_column(driver, name: str) -> None:
     """Columns dropdown -> search `name` -> tick the entry called exactly `name` -> close."""
     popover_css = "[data-component-id='mlflow.experiment_page.runs_table.column_selector']"
-    driver.find_element(By.CSS_SELECTOR, "button[data-testid='column-selection-dropdown']").click()
+    _click("the Columns button", lambda: driver.find_element(
+        By.CSS_SELECTOR, "button[data-testid='column-selection-dropdown']"))
     pop = poll("the Columns dropdown", lambda: driver.find_element(By.CSS_SELECTOR, popover_css))
     pop.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']").send_keys(name)
-    node = poll(f"column {name!r} in the Columns dropdown",
-                lambda: [n for n in pop.find_elements(By.CSS_SELECTOR, ".du-bois-light-tree-treenode")
-                         if n.text.strip() == name])[0]
-    node.find_element(By.CSS_SELECTOR, ".du-bois-light-tree-node-content-wrapper").click()
+    _click(f"column {name!r} in the Columns dropdown", lambda: next(
+        n for n in pop.find_elements(By.CSS_SELECTOR, ".du-bois-light-tree-treenode") if n.text.strip() == name
+    ).find_element(By.CSS_SELECTOR, ".du-bois-light-tree-node-content-wrapper"))
     driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     poll("the Columns dropdown to close", lambda: not driver.find_elements(By.CSS_SELECTOR, popover_css))
 
@@ -132,8 +149,8 @@ def test_sweep_runs_in_the_mlflow_ui(mlflow_server, browser, tmp_path):
                        timeout=90, on_timeout=fail("timeout-runs-table.png"))
     assert parent_link.text == "ui-sweep"
     _close_assistant(d)
-    poll("the parent row's expander", lambda: parent_link.find_element(
-        By.XPATH, "./ancestor::*[contains(@class,'ag-cell-wrapper')][1]//button").click() or True,
+    _click("the parent row's expander", lambda: parent_link.find_element(
+        By.XPATH, "./ancestor::*[contains(@class,'ag-cell-wrapper')][1]//button"),
         on_timeout=fail("timeout-expand.png"))
 
     def trial_rows():
@@ -262,8 +279,8 @@ def test_the_sweep_run_shows_table1_and_the_figures_in_its_artifacts(browser, tm
         def node(name: str):
             return d.find_element(By.CSS_SELECTOR, f"[data-testid='artifact-tree-node'][artifact-name='{name}']")
 
-        poll("table1.md in the run's artifact tree", lambda: node("table1.md"), timeout=90,
-             on_timeout=fail("timeout-artifacts.png")).click()
+        _click("table1.md in the run's artifact tree", lambda: node("table1.md"), timeout=90,
+               on_timeout=fail("timeout-artifacts.png"))
         # the markdown is rendered: the title, and the digits cells of AN and LL-R (a cell may wrap)
         want = ["Table 1: test mAP, ours vs. the paper"] + [
             f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f} (n=3)" for v in tests.values()]
@@ -273,9 +290,9 @@ def test_the_sweep_run_shows_table1_and_the_figures_in_its_artifacts(browser, tm
         _close_assistant(d)
         _shot(d, "artifacts-table1.png")
 
-        node("figures").click()
-        poll("the Table 1 figure in the tree", lambda: node("table1_vs_paper.png"),
-             on_timeout=fail("timeout-figures.png")).click()
+        _click("the figures folder in the tree", lambda: node("figures"), on_timeout=fail("timeout-folder.png"))
+        _click("the Table 1 figure in the tree", lambda: node("table1_vs_paper.png"),
+               on_timeout=fail("timeout-figures.png"))
         width = Image.open(tmp_path / "results" / "figures" / "table1_vs_paper.png").size[0]
 
         def shown_image():
@@ -287,3 +304,31 @@ def test_the_sweep_run_shows_table1_and_the_figures_in_its_artifacts(browser, tm
         _shot(d, "artifacts-table1-figure.png")
     finally:
         server.stop()
+
+
+def test_the_links_a_sweep_prints_open_its_runs_table(mlflow_server, tmp_path):
+    """The experiment as a sweep creates it (orchestration.store.start_parent: tagged model training), its
+    sweep run with a nested trial; the link the sweep prints, in a fresh browser, shows the runs table
+    holding the sweep's run, not MLflow 3's GenAI overview. (MLflow 3.17 opens the bare experiment page on
+    its GenAI overview whatever the experiment's kind: the link carries workflowType.)"""
+    from orchestration import store
+
+    c = MlflowClient(tracking_uri=mlflow_server.url)
+    exp_id, parent_id = store.start_parent(c, "ui-links", "digits", {"num_samples": "1"}, resume=False)
+    trial = c.create_run(exp_id, run_name="LL-R d=2 lr=0.001 #t1",
+                         tags={T.TAG_PARENT: parent_id, T.TAG_ROLE: T.ROLE_TRIAL}).info.run_id
+    c.log_metric(trial, T.VAL_MAP, 50.0, step=1)
+    assert c.get_experiment(exp_id).tags[T.TAG_EXPERIMENT_KIND] == T.KIND_MODEL_TRAINING
+    printed = store.experiment_url(mlflow_server.url, exp_id)
+    d = _chromium()                                   # a fresh profile: nothing remembered of another visit
+    try:
+        d.get(printed)
+        link = poll("the sweep's run in the runs table behind the printed link",
+                    lambda: d.find_element(By.CSS_SELECTOR, f"a[href$='/runs/{parent_id}']"), timeout=90,
+                    on_timeout=lambda: _shot(d, "timeout-printed-link.png"))
+        assert link.text == "sweep ui-links"
+        body = " ".join(d.find_element(By.TAG_NAME, "body").text.split())
+        assert "No data available" not in body and "Evaluation runs" not in body, body[:500]
+        _shot(d, "printed-link.png")
+    finally:
+        d.quit()

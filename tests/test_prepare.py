@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,9 @@ def test_pascal_spacing_zero_entries_and_warnings(tmp_path, capsys):
     assert "2008_000004.jpg" not in " ".join(data.train_images)
     assert data.train_labels_obs is None
     meta = json.loads((dest / "meta.json").read_text())
-    assert meta == {"dataset": "pascal", "class_names": list(prepare.VOC_CLASSES), "num_classes": 20, "image_root": str(expected["image_root"].resolve())}
+    root = expected["image_root"].resolve()
+    assert meta == {"dataset": "pascal", "class_names": list(prepare.VOC_CLASSES), "num_classes": 20,
+                    "image_root": os.path.relpath(root, dest.resolve()), "image_root_absolute": str(root)}
     # the stored paths are relative, as the published code stores them
     assert np.load(dest / "formatted_val_images.npy").tolist() == expected["val"][0]
     warnings = capsys.readouterr().err.splitlines()

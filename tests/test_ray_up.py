@@ -4,7 +4,7 @@ The test makes a variant of the real cluster.local.yaml that changes only what
 must differ here (head address, SSH user/key/port, the shared folder, the
 cluster's name and Ray's ports; checked below), starts an sshd on 127.0.0.1
 that admits only the dedicated user `wsmlray`, then runs the commands of
-the README: `ray up`, `ray exec ... 'ray status'`, the digits smoke
+docs/aws.md: `ray up`, `ray exec ... 'ray status'`, the digits smoke
 sweep, `ray down`. Before `ray down` it runs the set-up a worker node runs
 (the file's setup_commands) on the head with the head's venv moved away, as
 on a fresh node: the venv comes from the archive the head published on the
@@ -49,11 +49,11 @@ import yaml
 
 from tests import cluster_helpers as ch
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.service, pytest.mark.slow]
 
 REPO = ch.REPO
 REAL_YAML = REPO / "cluster.local.yaml"
-DOCS = REPO / "README.md"   # its "On a cluster" section
+DOCS = REPO / "docs" / "aws.md"
 SHARED_IN_REAL_FILE = "WSML_SHARED=/mnt/shared"
 
 
@@ -67,10 +67,10 @@ def _missing_prereqs() -> str | None:
 
 
 def docs_command(pattern: str) -> str:
-    """The one line of the README that starts with `ray ` and matches."""
+    """The one line of docs/aws.md that starts with `ray ` and matches."""
     lines = [ln.strip() for ln in ch.cluster_docs(DOCS).splitlines()]
     found = [ln for ln in lines if ln.startswith("ray ") and re.search(pattern, ln)]
-    assert len(found) == 1, f"the README: expected one command matching {pattern!r}, got {found}"
+    assert len(found) == 1, f"docs/aws.md: expected one command matching {pattern!r}, got {found}"
     return found[0]
 
 
@@ -95,7 +95,7 @@ def make_variant(real: dict, *, name: str, user: str, key: Path, ssh_port: int,
     head = cfg["head_start_ray_commands"]
     [j] = [j for j, c in enumerate(head) if "ray start --head" in c]
     assert "--port=6379" in head[j]
-    # this machine has no GPU: the head declares one (the README's smoke sweep asks for a GPU per
+    # this machine has no GPU: the head declares one (docs/aws.md's smoke sweep asks for a GPU per
     # trial; WSML_FAKE_GPUS=1 in the user's environment lets those trials train on the CPU)
     head[j] = head[j].replace("--port=6379", f"--port={ports['gcs']}") + (
         " --num-gpus=1"
@@ -273,7 +273,7 @@ def _head_logs(r: Rig) -> str:
 
 
 def _smoke_sweep(r: Rig) -> None:
-    """The smoke sweep of the README, word for word, then its results fetched
+    """The smoke sweep of docs/aws.md, word for word, then its results fetched
     with the docs' `ray rsync-down` commands (into the temp folder, not the repo)."""
     sweep_cmd = docs_command(r"sweep\.py --dataset digits")
     sweep_name = re.search(r"--name (\S+)", sweep_cmd).group(1).strip("'\"")
@@ -289,7 +289,7 @@ def _smoke_sweep(r: Rig) -> None:
     assert len(trials) >= samples, (f"want {samples} trial folders in {results}; shared has "
                                     f"{sorted(str(p.relative_to(r.shared)) for p in r.shared.rglob('*'))[:40]}")
 
-    # Fetch results/ and the MLflow store as the README says.
+    # Fetch results/ and the MLflow store as docs/aws.md says.
     fetched = r.tmp / "fetched"
     fetched.mkdir()
     for pattern, target in ((r"rsync-down .*results/", fetched / "results"),

@@ -25,7 +25,7 @@ import pytest
 from tests.helpers import (SWEEP, SweepProcess, clean_env, mlflow_runs, ray_trials, rows_by_trial, run_cli,
                            write_space)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(900)]
 
 
 def _start(cwd: Path, args: list[str]) -> subprocess.Popen:
@@ -80,6 +80,10 @@ def test_sigterm_stops_like_ctrl_c_and_resume_keeps_one_log_per_trial(tmp_path, 
     assert runs["trial"] and {r.info.status for r in runs["trial"]} <= {"KILLED", "FINISHED"}
     assert any(r.info.status == "KILLED" for r in runs["trial"])
     assert len(started) < 3                                 # the third trial was not started yet
+    # what the first session left: each begun trial's log (a trial may have written "epoch 1/6" to it and been
+    # stopped before it reported and checkpointed that epoch: it is not in `started`, yet it began)
+    first_logs = {d: (d / "train.log").read_text() for d in exp_dir.iterdir() if (d / "train.log").is_file()}
+    assert len(first_logs) < 3
 
     r = run_cli(["--dataset", "digits", "--name", "term", "--resume", "--address", ray_address], cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -93,14 +97,16 @@ def test_sigterm_stops_like_ctrl_c_and_resume_keeps_one_log_per_trial(tmp_path, 
         log = (t["dir"] / "train.log").read_text()
         epochs = [ln for ln in log.splitlines() if ln.startswith("epoch ")]
         assert epochs[-1].startswith("epoch 6/6"), (tid, log)
-        if tid in started:                                  # began in the first session: both sessions' lines
-            assert log.count("# attempt") == 2 and "resuming after epoch 0" in log, (tid, log)
-            assert any(f"resuming after epoch {e}" in log for e in range(1, 6)), (tid, log)
-            assert "epoch 1/6" in log
-        else:                                               # no epoch before the SIGTERM: trained in one go
-            attempts = [ln for ln in log.splitlines() if ln.startswith("# attempt")]
+        attempts = [ln for ln in log.splitlines() if ln.startswith("# attempt")]
+        if t["dir"] in first_logs:                          # began in the first session: one log, both sessions
+            assert log.startswith(first_logs[t["dir"]]) and len(attempts) == 2, (tid, log)
+            assert "resuming after epoch 0" in attempts[0] and "epoch 1/6" in log, (tid, log)
+            if tid in started:                              # it had reported an epoch: not trained again from 0
+                assert any(f"resuming after epoch {x}" in attempts[1] for x in range(1, 6)), (tid, log)
+        else:                                               # not begun before the SIGTERM: trained in one go
             assert attempts and all("resuming after epoch 0" in a for a in attempts), (tid, log)
             assert log.count("epoch 1/6") == 1, (tid, log)
+    assert {tid for tid, t in trials.items() if t["dir"] in first_logs} >= started
 
 
 def test_a_trial_whose_checkpoints_are_gone_starts_over(tmp_path, ray_address):
@@ -116,7 +122,7 @@ def test_a_trial_whose_checkpoints_are_gone_starts_over(tmp_path, ray_address):
     [trial_dir] = [p for p in exp_dir.iterdir() if p.name.startswith("trial_")]
     gone = sorted(trial_dir.glob("checkpoint_*"))
     assert gone
-    for d in gone:                                          # the README's advice: delete them
+    for d in gone:                                          # docs/troubleshooting.md's advice: delete them
         shutil.rmtree(d)
 
     r = run_cli(["--dataset", "digits", "--name", "gone", "--resume", "--address", ray_address], cwd=tmp_path)

@@ -15,7 +15,7 @@ import pytest
 
 from orchestration import common, known, per_scheme
 from orchestration.space import FloatParam, Group, load_space
-from tests.helpers import mlflow_runs, ray_trials, run_cli, write_space
+from tests.helpers import mlflow_runs, ray_trials, run_cli, write_grid_space, write_space
 
 
 LLR = Group("LL-R", "end-to-end")
@@ -117,23 +117,9 @@ def test_warm_start_records_are_in_each_study_before_the_first_proposal(tmp_path
 
 
 def write_grid(path: Path, *, num_samples: int, deltas: str, lrs: str, epochs: int = 3) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        dataset: digits
-        search:
-          scheme: [LL-R]
-          delta_rel: {{values: {deltas}}}
-          lr: {{values: {lrs}}}
-        start_with: paper
-        num_samples: {num_samples}
-        epochs: {epochs}
-        search_seed: 0
-        scheduler: {{grace_period: 2, reduction_factor: 2}}
-        resources: {{cpus_per_trial: 1, gpus_per_trial: 0}}
-        final_seeds: 0
-        max_failures: 1
-        train: {{num_workers: 0, max_train_images: 200, stop_drop: null}}
-        """))
-    return path
+    return write_grid_space(path, deltas=deltas, lrs=lrs, start_with="paper", num_samples=num_samples,
+                            epochs=epochs, max_failures=1,
+                            train="num_workers: 0, max_train_images: 200, stop_drop: null")
 
 
 def configs(trials: dict) -> list[tuple[float, float]]:

@@ -6,6 +6,14 @@ store in the test's shared folder, and stops Ray again. The second test gives
 the job SLURM's warning signal mid-sweep (as `--signal` does before the time
 limit) and submits the same command again, which continues the sweep with
 --resume. Both check that neither the job nor SLURM leaves a process behind.
+
+The first runs as a campus cluster's user would: an unprivileged user submits
+from a checkout in their home, an `nvidia-smi` reporting driver 550 comes
+through the site's set-up file (WSML_ENV_SETUP) to every step, and what the trials need
+was fetched on the "login node" (this machine's network) beforehand. A GPU
+space against torch's CUDA 13 build fails in one line naming the driver, and a
+space without its ImageNet weights in one line naming the fetch, both before
+Ray starts.
 """
 from __future__ import annotations
 
@@ -23,19 +31,30 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster_helpers import ensure_user, lend_venv, run_as
 from tests.slurm_rig import SlurmRig, missing_binaries, processes_with
-from tests.test_sweep import clean_env, history, mlflow_runs, ray_trials, write_space
+from tests.helpers import clean_env as _clean_env
+from tests.test_sweep import history, mlflow_runs, ray_trials, write_space
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "cluster.slurm.sh"
 NAME = "digits-slurm"         # the script's default SWEEP_NAME for DATASET=digits
+USER = "wsmlslurm"            # the unprivileged user of the campus tests
+DRIVER = "550.54.15"          # what the site's nvidia-smi reports: older than CUDA 13's 580
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
 def _venv_is_current() -> bool:
     """scripts/setup.sh would install nothing (the job runs it; a test must never install packages)."""
     return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--check"], capture_output=True).returncode == 0
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """A job's environment: the tests' clean one, without RAY_ADDRESS (the batch script starts its Ray)."""
+    env = _clean_env(**extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
 
 
 def _needs_slurm() -> None:
@@ -61,10 +80,18 @@ class Slurm:
     def uri(self) -> str:
         return f"sqlite:///{self.shared / 'mlflow.db'}"
 
-    def submit(self, *sweep_args: str) -> str:
+    user: object = None   # pwd entry of the unprivileged user (campus), else root submits from ROOT
+    repo: Path = ROOT     # the checkout the job runs
+    env_setup: Path | None = None
+
+    def submit(self, *sweep_args: str, env: dict[str, str] | None = None) -> str:
         # one CPU per node (a node has one); the rest are the script's #SBATCH defaults (one GPU per node)
+        env = {"WSML_SHARED": str(self.shared), "WSML_RAY_TMP": str(self.ray_tmp), **(env or {})}
+        if self.env_setup is not None:
+            env["WSML_ENV_SETUP"] = str(self.env_setup)
         return self.rig.sbatch(["--cpus-per-task=1", "--time=20",
-                                f"--output={self.tmp}/job-%j.log", str(SCRIPT), *sweep_args], cwd=ROOT)
+                                f"--output={self.tmp}/job-%j.log", str(self.repo / "cluster.slurm.sh"),
+                                *sweep_args], cwd=self.repo, env=env, user=self.user)
 
     def log(self, job: str) -> str:
         f = self.tmp / f"job-{job}.log"
@@ -83,28 +110,84 @@ class Slurm:
         return left
 
 
-@pytest.fixture
-def slurm(tmp_path):
+@pytest.fixture(scope="module")
+def slurm_rig(tmp_path_factory):
+    """One two-node SLURM for the module's jobs; once stopped, nothing of it or its jobs may remain."""
     _needs_slurm()
+    # readable by other users (their sbatch reads slurm.conf and talks to the rig's munged): not under
+    # pytest's private tmp folder
+    base = Path(tempfile.mkdtemp(prefix="wsslurm", dir="/tmp"))
+    base.chmod(0o755)
+    # TUNE_MAX_PENDING_TRIALS_PG: Tune starts both 1-CPU trials at once, so each node runs one
+    rig = SlurmRig(base, clean_env(TUNE_MAX_PENDING_TRIALS_PG="2"))
+    try:
+        rig.start()
+        yield rig
+    finally:
+        rig.stop()
+    left = rig.leftovers([str(base)])
+    shutil.rmtree(base, ignore_errors=True)
+    assert not left, "processes left after SLURM was stopped:\n" + "\n".join(left)
+
+
+@pytest.fixture
+def slurm(slurm_rig, tmp_path):
+    """The rig, with this test's shared folder (WSML_SHARED) and Ray temp folder (WSML_RAY_TMP)."""
     # Ray's unix sockets live under its temp folder: keep that path short
     ray_tmp = Path(tempfile.mkdtemp(prefix="wsray", dir="/tmp"))
     shared = tmp_path / "shared"
     shared.mkdir()
-    (tmp_path / "slurm").mkdir()
-    # TUNE_MAX_PENDING_TRIALS_PG: Tune starts both 1-CPU trials at once, so each node runs one
-    env = clean_env(WSML_SHARED=str(shared), WSML_RAY_TMP=str(ray_tmp), TUNE_MAX_PENDING_TRIALS_PG="2")
-    rig = SlurmRig(tmp_path / "slurm", env)
+    s = Slurm(slurm_rig, tmp_path, shared, ray_tmp)
     try:
-        rig.start()
-        yield Slurm(rig, tmp_path, shared, ray_tmp)
+        yield s
     finally:
-        rig.stop()
-        for line in rig.leftovers([str(ray_tmp), str(tmp_path)]):     # only if a test failed midway
+        jobs = slurm_rig.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
+        if jobs:                                                       # only if a test failed midway
+            slurm_rig.run(["scancel", *jobs], check=False)
+        for line in processes_with([str(ray_tmp), str(tmp_path)]):     # not the rig's daemons
             try:
                 os.kill(int(line.split()[0]), signal.SIGKILL)
             except OSError:
                 pass
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def campus(slurm):
+    """`slurm` as an unprivileged user: a checkout in their home, the venv lent to them, their shared and Ray
+    folders, and a site set-up file that puts an nvidia-smi of driver 550 on PATH (as `module load` would)."""
+    pw = ensure_user(USER)
+    work = Path(pw.pw_dir) / slurm.ray_tmp.name                # one folder per test in the user's home
+    repo = work / "wsml"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, repo / f)
+    sw = work / "sw" / "bin"                                     # the site's software, as `module load` adds it
+    sw.mkdir(parents=True)
+    (sw / "nvidia-smi").write_text(f"#!/bin/sh\necho {DRIVER}\n")
+    (sw / "nvidia-smi").chmod(0o755)
+    env_setup = work / "site.sh"
+    env_setup.write_text(f"export PATH={sw}:$PATH\n")
+    shared = work / "shared"
+    shared.mkdir()
+    for path in [Path(pw.pw_dir), *work.rglob("*"), work, slurm.ray_tmp]:
+        os.lchown(path, pw.pw_uid, pw.pw_gid)
+    Path(pw.pw_dir).chmod(0o755)
+    # the venv: this machine's, through a Python of the user's reach (tests/cluster_helpers.py)
+    lend_venv(ROOT / ".venv", repo / ".venv", pw, work / "venv")
+    s = Slurm(slurm.rig, work, shared, slurm.ray_tmp, user=pw, repo=repo, env_setup=env_setup)
+    try:
+        yield s
+    finally:
+        for line in processes_with([str(work)]):
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _wait_job(s: Slurm, job: str, timeout: float) -> dict[str, str]:
@@ -122,25 +205,65 @@ def _epochs_reported(storage: Path) -> int:
 
 
 def _assert_stopped(s: Slurm) -> None:
-    """Nothing of the jobs remains once they ended, and nothing of SLURM after `stop`."""
+    """Nothing of the test's jobs remains once they ended (the rig's own end is checked by `slurm_rig`)."""
     left = s.wait_no_job_processes()
     assert not left, "the job left processes behind:\n" + "\n".join(left)
-    s.rig.stop()
-    left = s.rig.leftovers([str(s.ray_tmp), str(s.tmp)])
-    assert not left, "processes left after SLURM was stopped:\n" + "\n".join(left)
+    left = processes_with([str(s.ray_tmp), str(s.tmp)])
+    assert not left, "processes of the test's jobs left:\n" + "\n".join(left)
+
+
+# ------------------------------------------- a campus cluster: before Ray, one line
+def _fails_before_ray(s: Slurm, job: str) -> str:
+    """The job's one `error:` line, once it has failed without starting Ray."""
+    info = _wait_job(s, job, 300)
+    log = s.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), (info, log[-4000:])
+    errors = [ln for ln in log.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, log[-4000:]
+    assert "Ray runtime started" not in log and "ray: " not in log, log[-4000:]
+    return errors[0]
+
+
+def test_campus_job_fails_in_one_line_before_ray(campus):
+    s = campus
+    gpu_space = write_space(s.tmp / "gpu.yaml", num_samples=2, epochs=2, schemes="[LL-R, LL-Cp]", gpus=1)
+    resnet_space = write_space(s.tmp / "resnet.yaml", num_samples=2, epochs=2, schemes="[LL-R, LL-Cp]")
+    resnet_space.write_text(resnet_space.read_text().replace("train: {", "train: {arch: resnet50, weights: imagenet, "))
+    for f in (gpu_space, resnet_space):
+        os.lchown(f, s.user.pw_uid, s.user.pw_gid)
+    # the driver: torch's CUDA 13 build on nodes whose nvidia-smi (from the site's set-up) says 550
+    line = _fails_before_ray(s, s.submit("--space", str(gpu_space)))
+    for part in ("gpu check: node n", f"NVIDIA driver {DRIVER}", "built for CUDA 13", "needs a driver >= 580",
+                 "TORCH_CUDA=cu126 bash scripts/setup.sh"):
+        assert part in line, (part, line)
+    # the network: ImageNet weights that the login node did not fetch
+    line = _fails_before_ray(s, s.submit("--space", str(resnet_space)))
+    assert "offline check" in line and "ImageNet weights" in line and "orchestration.offline fetch" in line, line
 
 
 # -------------------------------------------------------------- the sweep
-def test_sbatch_runs_the_sweep_on_two_nodes(slurm):
-    s = slurm
+def test_sbatch_runs_the_sweep_on_two_nodes(campus):
+    s = campus
     stamp = ROOT / ".venv" / ".requirements.sha"
     stamp_mtime = stamp.stat().st_mtime
     space = write_space(s.tmp / "space.yaml", num_samples=2, epochs=2, schemes="[LL-R, LL-Cp]", train_images=300)
-    job = s.submit("--space", str(space), "--final-seeds", "0")
+    os.lchown(space, s.user.pw_uid, s.user.pw_gid)
+    # the login node's fetch, with its network: for digits' small CNN there is nothing to download
+    fetched = run_as(s.user, ["bash", "-c", 'cd "$1" && exec .venv/bin/python -m orchestration.offline fetch '
+                              '--dataset digits --space "$2"', "fetch", str(s.repo), str(space)],
+                     env={"WSML_SHARED": str(s.shared)}, timeout=120)
+    assert fetched.returncode == 0 and "everything the trials of digits load is here" in fetched.stdout, fetched
+    # the shared folder as if on NFS: SQLite is opened by one mlflow server on the head, never by the nodes
+    job = s.submit("--space", str(space), "--final-seeds", "0", env={"WSML_MLFLOW_SERVER": "1"})
     info = _wait_job(s, job, 600)
     log = s.log(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:]
-    assert stamp.stat().st_mtime == stamp_mtime                   # setup.sh ran and installed nothing
+    assert stamp.stat().st_mtime == stamp_mtime                   # nothing was installed
+    served = re.search(r"served by mlflow server on n1 at (http://\S+);", log)
+    assert served and f"--mlflow-uri {served[1]}" in log, log[:3000]
+    assert "offline check: smallcnn weights none, data built in: nothing to download" in log
+    for node in ("n1", "n2"):                                     # every node ran the site's set-up (nvidia-smi)
+        assert f"gpu check: node {node}: NVIDIA driver {DRIVER}" in log and "the trials use no GPU" in log, log[:3000]
     assert "ray: 2 of 2 node(s) alive, 2 CPU(s), 2 GPU(s)" in log  # a head and a worker: what SLURM granted
     m = re.search(r"nodes (\S+) (\S+) \(head (\S+), (\S+)\)", log)
     assert m and {m[1], m[2]} == {"n1", "n2"} and m[3] == "n1", log[:2000]

@@ -10,7 +10,7 @@ from orchestration import paper
 from orchestration.common import SpaceError
 from orchestration.per_scheme import GroupSpace, quotas
 from orchestration.space import SPACES_DIR, FloatParam, Group, load_space, with_overrides
-from orchestration.trial import train_config
+from orchestration.trial import Trial
 from wsml.config import BASELINES, DATASETS, LL_SCHEMES, SCHEMES
 
 GOOD = textwrap.dedent("""\
@@ -32,6 +32,16 @@ def write(tmp_path, text: str):
     p = tmp_path / "space.yaml"
     p.write_text(text)
     return p
+
+
+def _space_error(tmp_path, old: str, new: str) -> str:
+    """The one-line SpaceError of GOOD with `old` replaced by `new`."""
+    assert old in GOOD
+    with pytest.raises(SpaceError) as info:
+        load_space("digits", write(tmp_path, GOOD.replace(old, new)))
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -96,12 +106,7 @@ def test_the_authors_best_settings_are_start_points_inside_the_ranges(dataset):
     (("delta_rel: {low: 0.5, high: 4.0}", "delta_rel: {values: [1, 200]}"), "search.delta_rel.values"),
 ])
 def test_bad_values_name_key_value_and_fix(tmp_path, edit, key):
-    old, new = edit
-    assert old in GOOD
-    with pytest.raises(SpaceError) as info:
-        load_space("digits", write(tmp_path, GOOD.replace(old, new)))
-    msg = str(info.value)
-    assert "\n" not in msg
+    msg = _space_error(tmp_path, *edit)
     assert key in msg, msg
     assert ":" in msg.split(key, 1)[1], msg          # "...: <the fix>"
 
@@ -173,15 +178,15 @@ def test_quotas_share_the_trials_evenly():
 
 
 def test_trial_config_to_train_config():
-    cfg = train_config({"dataset": "digits", "epochs": 3, "seed": 0, "device": "auto", "data_root": None,
+    cfg = Trial.parse({"dataset": "digits", "epochs": 3, "seed": 0, "device": "auto", "data_root": None,
                         "train": {"num_workers": 0, "max_train_images": 64}, "wsml_sweep": "x",
-                        "scheme": "LL-Ct", "mode": "end-to-end", "delta_rel": 1.5, "lr": 2e-3})
+                        "scheme": "LL-Ct", "mode": "end-to-end", "delta_rel": 1.5, "lr": 2e-3}).train_config()
     assert (cfg.scheme, cfg.delta_rel, cfg.lr, cfg.epochs, cfg.num_workers, cfg.max_train_images) == \
         ("LL-Ct", 1.5, 2e-3, 3, 0, 64)
     # a final run: the chosen configuration and seed sit under "point"; baselines ignore delta_rel
-    cfg = train_config({"dataset": "digits", "epochs": 3, "seed": 0, "train": {},
+    cfg = Trial.parse({"dataset": "digits", "epochs": 3, "seed": 0, "train": {},
                         "point": {"scheme": BASELINES[1], "lr": 1e-3, "seed": 4, "delta_rel": 9.0,
-                                  "wsml_source_trial": "abc"}})
+                                  "wsml_source_trial": "abc"}}).train_config()
     assert (cfg.scheme, cfg.seed, cfg.delta_rel) == ("AN", 4, 2.0)
 
 
@@ -244,3 +249,43 @@ def test_the_tuner_keeps_max_concurrent_trials_pending(tmp_path):
     limited = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=s.concurrency))
     assert _get_max_pending_trials(limited) == 5
     assert _get_max_pending_trials(SearchGenerator(searcher)) == 1     # without the limit: one at a time
+
+
+@pytest.mark.parametrize("edit,line", [
+    (("num_samples: 8", "num_samples: true"), "num_samples=True is invalid: write a whole number"),
+    (("epochs: 4", "epochs: 2.5"), "epochs=2.5 is invalid: write a whole number"),
+    (("lr: {low: 2.0e-4, high: 5.0e-3, log: true}", "lr: 5"),
+     "search.lr=5 is invalid: write a mapping with keys values, low, high, log"),
+    (("lr: {low: 2.0e-4, high: 5.0e-3, log: true}", "lr: {adam: {low: x, high: 1}}"),
+     "search.lr.adam.low='x' is invalid: write a number"),
+    (("scheme: [LL-R, LL-Ct, LL-Cp]", "scheme: [LL-R, 3]"), "search.scheme[1]=3 is invalid: write a string"),
+    (("dataset: digits", "dataset: digits\nsource: elsewhere"), "source is an unknown key: known keys here are"),
+])
+def test_type_errors_from_the_schema_are_one_line(tmp_path, edit, line):
+    """The types are pydantic's (orchestration.space._parse); its errors read as the file's keys."""
+    assert line in _space_error(tmp_path, *edit)
+
+
+def test_a_lone_name_is_a_list_of_one(tmp_path):
+    s = load_space("digits", write(tmp_path, GOOD.replace("[LL-R, LL-Ct, LL-Cp]", "LL-R")))
+    assert s.search.scheme == ["LL-R"]
+
+
+@pytest.mark.parametrize("epochs,grace", [(4, 2), (3, 2), (5, 2), (8, 4), (2, 2)])
+def test_fewer_epochs_shrink_ashas_grace_period(epochs, grace):
+    """`--epochs 4` on the digits space (10 epochs, grace period 5) keeps a rung before the end: grace 2."""
+    from orchestration.estimate import asha_rungs
+
+    loaded = load_space("digits")
+    loaded.scheduler.grace_period = 5       # as the digits space shipped before bench/sweep.py's lr x delta_rel grid
+    assert loaded.epochs == 10
+    s = with_overrides(loaded, epochs=epochs)
+    assert s.scheduler.grace_period == grace
+    before_end = [r for r in asha_rungs(grace, s.scheduler.reduction_factor, epochs) if r < epochs]
+    assert before_end if epochs >= 3 else not before_end
+
+
+def test_more_epochs_keep_the_grace_period():
+    space = load_space("digits")
+    space.scheduler.grace_period = 5
+    assert with_overrides(space, epochs=20).scheduler.grace_period == 5

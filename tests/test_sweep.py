@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import SWEEP, clean_env, free_port, history, mlflow_runs, ray_trials, run_cli, write_space
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(900)]
 
 
 # ------------------------------------------------------------ the main sweep
@@ -326,6 +326,8 @@ def test_mlflow_callback_exactly_once_and_end_states(tmp_path):
     for t, epochs in ((done, 4), (asha, 2), (drop, 3), (fail, 1), (diverged, 2), (cut, 2)):
         for e in range(1, epochs + 1):
             t.last_result = _result(e, trainer_stop=float(t is drop and e == 3))
+            if t is done and e == 1:    # LinearInit's check of the head at the switch, reported with epoch 1
+                t.last_result[T.LINEAR_INIT_SATURATED_FRAC] = 0.75
             cb.log_trial_result(0, t, t.last_result)
     cb.log_trial_result(0, done, _result(4))                          # a repeated epoch is logged once
     diverged.last_result = {**_result(2), "wsml_error": "TrainingDiverged: loss became nan"}
@@ -349,6 +351,7 @@ def test_mlflow_callback_exactly_once_and_end_states(tmp_path):
     assert [s for s, _ in history(uri, r.info.run_id)] == [1, 2, 3, 4]
     assert r.data.metrics[T.TEST_MAP] == 24.0 and r.data.metrics[T.EPOCHS_RUN] == 4
     assert r.data.metrics[T.TRAIN_HOURS] == pytest.approx(4 * 36 / 3600)
+    assert [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, T.LINEAR_INIT_SATURATED_FRAC)] == [(1, 0.75)]
     assert r.info.run_name == "LL-R d=2 lr=0.001 #t1"
     assert run_of(cut).info.run_name == "AN lr=0.001 #t6" and "delta_rel" not in run_of(cut).data.params
     assert run_of(cut).data.metrics[T.EPOCHS_RUN] == 2              # its last result's metrics are kept

@@ -29,7 +29,7 @@ import pytest
 
 from tests.helpers import SWEEP, clean_env, history, mlflow_runs, ray_trials, rows_by_trial, write_space
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(900)]
 
 
 class FakeMetadata(http.server.ThreadingHTTPServer):
@@ -173,7 +173,8 @@ def test_preempted_spot_node_trials_continue_without_counting_failures(tmp_path,
         watcher = subprocess.run(
             [sys.executable, "-m", "orchestration.spot_watch", "--address", cluster.address,
              "--node-id", node.node_id, "--interval", "0.2"],
-            env=clean_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=metadata.url), capture_output=True, text=True,
+            env=clean_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=metadata.url, WSML_SPOT_DIR=str(tmp_path / "spot")),
+            capture_output=True, text=True,
             timeout=120)
         watcher_out.update(rc=watcher.returncode, out=watcher.stdout + watcher.stderr)
         assert watcher.returncode == 0, watcher_out["out"]

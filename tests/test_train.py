@@ -40,6 +40,7 @@ def test_protocol_split_and_single_positive():
     assert np.array_equal(obs, observe_single_positive(labels, 1200))
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_with_llcp_corrections(tmp_path):
     cfg = TrainConfig(scheme="LL-Cp", delta_rel=5.0, **SMALL)
     full = run(cfg, log=None)
@@ -79,6 +80,7 @@ def _chance_map(cfg: TrainConfig) -> float:
     return 100 * float((load_data(cfg.resolve()).test.labels == 1).mean(0).mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["full", "AN", "WAN", "LSAN", "EPR", "ROLE", "LL-Ct"])
 def test_every_scheme_trains(scheme):
     cfg = TrainConfig(scheme=scheme, **{**SMALL, "epochs": 1})
@@ -87,6 +89,7 @@ def test_every_scheme_trains(scheme):
     assert result.test_map > _chance_map(cfg) + 2          # one epoch on 256 mosaics learns something
 
 
+@pytest.mark.slow
 def test_reported_test_map_is_the_map_of_the_best_epochs_model():
     """test_map is scikit-learn's per-class AP, averaged, of the best validation epoch's model on the
     test set, recomputed here from that epoch's saved state."""
@@ -116,6 +119,7 @@ def test_reported_test_map_is_the_map_of_the_best_epochs_model():
     assert result.test_map > _chance_map(cfg) + 5
 
 
+@pytest.mark.slow
 def test_linear_init_trains_head_then_end_to_end(tmp_path):
     lines = []
     cfg = TrainConfig(scheme="LL-R", mode="linear-init", linear_init_epochs=2, cache_dir=str(tmp_path),
@@ -134,6 +138,7 @@ def _role_trainer(tmp_path, **kw):
     return Trainer(cfg, load_data(cfg), torch.device("cpu"), log=lambda _m: None)
 
 
+@pytest.mark.slow
 def test_role_estimator_learns_in_the_linear_phase_and_fine_tuning_starts_from_it(tmp_path):
     trainer = _role_trainer(tmp_path)
     cfg = trainer.cfg
@@ -154,6 +159,7 @@ def test_role_estimator_learns_in_the_linear_phase_and_fine_tuning_starts_from_i
     assert not torch.equal(trainer.estimator.detach(), after_linear)    # and it keeps learning in fine-tuning
 
 
+@pytest.mark.slow
 def test_role_linear_init_resume_matches_an_uninterrupted_run(tmp_path):
     cfg = TrainConfig(scheme="ROLE", mode="linear-init", linear_init_epochs=2, cache_dir=str(tmp_path),
                       stop_drop=None, **SMALL)
@@ -200,6 +206,7 @@ def test_sgd_is_built_as_the_papers_code_builds_it(tmp_path):
         TrainConfig(optimizer="rmsprop").resolve()
 
 
+@pytest.mark.slow
 def test_divergence_is_reported():
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
         run(TrainConfig(scheme="AN", lr=1e30, **{**SMALL, "epochs": 2}), log=None)
@@ -233,6 +240,7 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "wsml.train", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cli_writes_metrics_and_resumes(tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", "digits", "--scheme", "LL-Ct", "--epochs", "2", "--max-train-images", "128",
@@ -254,6 +262,7 @@ def test_cli_writes_metrics_and_resumes(tmp_path):
     assert other.returncode == 2 and "scheme='LL-Ct'" in other.stderr and len(other.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_sgd_trains_and_refuses_to_resume_with_adam(tmp_path):
     out = tmp_path / "sgd"
     args = ["--dataset", "digits", "--scheme", "LL-R", "--lr", "0.01", "--epochs", "2", "--max-train-images", "128",
@@ -274,6 +283,7 @@ def test_cli_sgd_trains_and_refuses_to_resume_with_adam(tmp_path):
     assert ((out / "metrics.json").read_bytes(), (out / "checkpoint.pt").read_bytes()) == before
 
 
+@pytest.mark.slow
 def test_cli_bad_input_one_line_no_output(tmp_path):
     out = tmp_path / "run"
     bad = _cli("--dataset", "imagenet", "--out", str(out))
@@ -284,6 +294,7 @@ def test_cli_bad_input_one_line_no_output(tmp_path):
     assert missing.returncode == 2 and "error:" in missing.stderr and not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_benchmark_path_prepared_voc_through_image_cache(tmp_path):
     """Official VOC layout -> prepare -> protocol split + single positives -> image cache -> ResNet-50 run."""
     from tests.fixtures_official import make_voc
@@ -300,6 +311,7 @@ def test_benchmark_path_prepared_voc_through_image_cache(tmp_path):
     assert list((tmp_path / "cache" / "images").iterdir())   # decoded once, into the shared cache
 
 
+@pytest.mark.slow
 def test_hflip_is_a_data_set_default():
     assert TrainConfig(dataset="digits").resolve().hflip is False      # a mirrored digit is not a digit
     assert TrainConfig(dataset="pascal").resolve().hflip is True       # the paper's augmentation

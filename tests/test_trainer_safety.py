@@ -58,6 +58,7 @@ def small(data: Path, tmp_path: Path, *extra: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ --out
+@pytest.mark.slow
 def test_out_refuses_another_runs_files(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -76,6 +77,7 @@ def test_out_refuses_another_runs_files(tmp_path):
     assert listing(out) == before
 
 
+@pytest.mark.slow
 def test_out_rerun_finished_other_settings_and_unverified(tmp_path):
     out = tmp_path / "out"
     args = [*DIGITS, "--scheme", "AN", "--epochs", "1", "--out", str(out)]
@@ -112,6 +114,7 @@ def test_out_rerun_finished_other_settings_and_unverified(tmp_path):
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2        # verified again
 
 
+@pytest.mark.slow
 def test_out_trained_beyond_epochs_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -132,6 +135,7 @@ def test_unverified_checkpoint_api(tmp_path):
 
 
 # ------------------------------------------------------------------ data fingerprint
+@pytest.mark.slow
 def test_resume_state_on_other_data_is_refused():
     """The path a sweep takes: `run(resume_state=...)`."""
     cfg = TrainConfig(dataset="digits", scheme="AN", max_train_images=64, epochs=2, device="cpu", num_workers=0)
@@ -151,6 +155,7 @@ def test_resume_state_on_other_data_is_refused():
         run(cfg, resume_state=state, log=None)
 
 
+@pytest.mark.slow
 def test_cli_resume_after_the_data_changed_is_refused(dataset, tmp_path):
     first = cli(*small(dataset, tmp_path, "--epochs", "1"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -237,6 +242,7 @@ def _assert_stopped_after_epoch_1(r: subprocess.CompletedProcess, args: list[str
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_stops_at_the_checkpoint_and_the_same_command_resumes(tmp_path, signum, status):
     out = tmp_path / "out"
@@ -255,6 +261,7 @@ def test_signal_stops_at_the_checkpoint_and_the_same_command_resumes(tmp_path, s
     assert history[0]["epoch"] == 1 and history[-1]["epoch"] >= 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_with_dataloader_workers(tmp_path):
     """Ctrl-C reaches the DataLoader workers too (the same for SLURM's SIGTERM): still one clean stop, 130."""
     data = make_prepared(tmp_path, 120, 10)
@@ -271,6 +278,7 @@ def _list(dataset: Path, split: str, paths: list[str]) -> None:
     np.save(dataset / f"formatted_{split}_images.npy", np.asarray(paths, dtype=str))
 
 
+@pytest.mark.slow
 def test_image_path_outside_the_root_is_refused_before_decoding(dataset, tmp_path):
     write_jpeg(tmp_path / "outside.jpg", seed=7)
     paths = [f"tr/{i:03d}.jpg" for i in range(12)]

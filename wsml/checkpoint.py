@@ -55,7 +55,7 @@ def load_checkpoint(path: str | os.PathLike, *, accept_unverified: bool = False)
                               "resume from an earlier checkpoint or delete it to start over")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a torn zip raises many kinds of errors
+    except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}): "
                               "resume from an earlier checkpoint or delete it to start over") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:

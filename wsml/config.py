@@ -133,7 +133,7 @@ class TrainConfig:
     max_train_images: int | None = None   # subsample for quick checks
     boostlu_alpha: float | None = None    # BoostLU (CVPR 2023): positive CAM values times alpha; None = off
 
-    def resolve(self) -> "TrainConfig":
+    def resolve(self) -> TrainConfig:
         """Return a copy with data-set defaults filled in, validated."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown data set {self.dataset!r}: choose one of {', '.join(DATASETS)}")
@@ -200,7 +200,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -238,6 +238,9 @@ class EpochReport:
     test_map_at_best: float | None  # test mAP of the best-validation epoch so far
     epoch_seconds: float
     images_per_s: float
+    # LinearInit, first epoch only: share of the head's logits past +-10 on the first fine-tuning batch
+    # (above wsml.train.SATURATED_SHARE the head is saturated and the log warns)
+    linear_init_saturated_frac: float | None = None
     stop: bool = False              # the trainer's own stop rule fired (val mAP dropped)
 
     def metrics(self) -> dict[str, float]:

@@ -13,6 +13,14 @@ class DataError(WSMLError):
     """A data set on disk is missing, malformed or holds an unreadable file."""
 
 
+class TooManySkipped(DataError):
+    """--skip-bad-images skipped more images than a run may train without (`wsml.data.loading`)."""
+
+
+class DataChanged(DataError):
+    """The data a run would train on is not the data it was asked to train on (`wsml.train.run`'s `data_id`)."""
+
+
 class CheckpointError(WSMLError):
     """A checkpoint is missing, truncated or does not match the run."""
 

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
+from typing import Any, NoReturn
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# What signal.signal() takes and returns
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 def _ignore(_signum: int, _frame) -> None:
@@ -48,9 +53,9 @@ class StopOnSignal:
         self._depth = 0
         self._pending = False
         self._checked = False    # check() is being called: wait for it
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():   # only there can handlers be set
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -78,8 +83,12 @@ class StopOnSignal:
         """A safe point (between batches): raise `Interrupted` if a signal arrived."""
         self._checked = True
         if self._pending and not self._depth:
-            self._pending = False
-            raise Interrupted(self.signum)
+            self._raise_pending()
+
+    def _raise_pending(self) -> NoReturn:
+        self._pending = False
+        assert self.signum is not None    # set before _pending is
+        raise Interrupted(self.signum)
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
@@ -90,5 +99,4 @@ class StopOnSignal:
         finally:
             self._depth -= 1
         if not self._depth and self._pending:
-            self._pending = False
-            raise Interrupted(self.signum)
+            self._raise_pending()

@@ -79,12 +79,21 @@ def small_cnn() -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), c_in
 
 
-def _small_cnn_feature_map(net: nn.Sequential, images: torch.Tensor) -> torch.Tensor:
+def _small_cnn_feature_map(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The last conv stage's map (after its max pooling): every layer but the final pool and flatten."""
+    assert isinstance(net, nn.Sequential)
     x = images
     for layer in list(net)[:-2]:
         x = layer(x)
     return x
+
+
+def imagenet_weights_file() -> Path:
+    """Where torch.hub keeps ResNet-50's ImageNet weights (`resnet50("imagenet")` downloads them there)."""
+    import torchvision
+
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
 def resnet50(weights: str) -> tuple[nn.Module, int]:
@@ -92,15 +101,15 @@ def resnet50(weights: str) -> tuple[nn.Module, int]:
     import torchvision
 
     if weights == "imagenet":
-        # torchvision's normal download (cached in ~/.cache/torch, hash-checked); needs internet once.
+        # torchvision's normal download (cached in $TORCH_HOME, default ~/.cache/torch, hash-checked); needs
+        # internet once (`python -m orchestration.offline fetch` on a cluster whose nodes have none).
         # Loaded here rather than by resnet50(weights=...) so that it is read with weights_only=True.
         net = torchvision.models.resnet50(weights=None)
-        url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
         try:
             state = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.get_state_dict(
                 progress=True, check_hash=True, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError) as err:   # not a plain state dict, or a torn file
-            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+            cached = imagenet_weights_file()
             raise ConfigError(f"ImageNet weights {cached} cannot be read as a state dict ({type(err).__name__}): "
                               "delete the file to download it again") from err
         net.load_state_dict(state)
@@ -115,6 +124,9 @@ def resnet50(weights: str) -> tuple[nn.Module, int]:
 
 def _resnet_feature_map(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """layer4's output: torchvision's ResNet forward up to (not including) its average pooling."""
+    import torchvision
+
+    assert isinstance(net, torchvision.models.ResNet)
     x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
     return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
@@ -124,7 +136,7 @@ def _load_backbone_file(net: nn.Module, path: Path) -> None:
         raise ConfigError(f"weights file {path} not found: pass --weights imagenet, none, or an existing file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+    except Exception as err:  # any unpickling failure means the same to the user
         raise ConfigError(f"weights file {path} is not a loadable state dict ({type(err).__name__}): "
                           "save it with torch.save(model.state_dict(), path)") from err
     state = state.get("state_dict", state) if isinstance(state, dict) else state

@@ -67,6 +67,8 @@ def inspect_out(out: Path, cfg: TrainConfig, accept_unverified: bool = False) ->
                             f"pass another --out, or delete {out} to start over")
         found.resume = state
         trained = max(trained, int(state["epoch"]))
+    if cfg.epochs is None:
+        raise ValueError("inspect_out: resolve() the configuration first (epochs is unset)")
     if trained > cfg.epochs:
         raise WSMLError(f"--out {out} holds a run already trained for {trained} epochs, more than --epochs "
                         f"{cfg.epochs}: pass --epochs {trained} or more, or another --out")

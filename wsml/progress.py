@@ -42,7 +42,7 @@ class Progress:
         self.start = self.last = time.monotonic()
         self.next_line = self._step_after(initial)
         self.bar = None
-        self.log = log
+        self.log: Callable[[str], None] | None = log
         if log is None and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -65,7 +65,8 @@ class Progress:
         now = time.monotonic()
         finished = self.total is not None and self.done >= self.total
         if not finished and (self.done >= self.next_line or now - self.last >= self.every_s):
-            self.log(self._line(now))
+            if self.log is not None:    # None once closed
+                self.log(self._line(now))
             self.last = now
             self.next_line = self._step_after(self.done)
 
@@ -88,7 +89,7 @@ class Progress:
                 self.log(self._line(time.monotonic()))
             self.log = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

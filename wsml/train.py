@@ -26,7 +26,7 @@ from torch import nn
 
 from wsml.config import EpochReport, RunResult, TrainConfig, resume_mismatch
 from wsml.data.loading import WSMLData, fingerprint_changes, load_data
-from wsml.errors import CheckpointError, TrainingDiverged, WSMLError
+from wsml.errors import CheckpointError, DataChanged, TrainingDiverged, WSMLError
 from wsml.files import atomic_write
 from wsml.large_loss import LargeLossRule, clean_rate
 from wsml.losses import init_role_estimator, scheme_loss
@@ -48,6 +48,19 @@ SGD_WEIGHT_DECAY = 1e-3
 ESTIMATOR_LR_MULT = 10.0
 # Settings added after checkpoints existed, with the value a checkpoint without them was made with.
 ADDED_LATER = {"optimizer": "adam", "boostlu_alpha": None}
+# LinearInit's feature cache: bump when the same backbone and images would give other features, so that
+# entries made the old way are never read again. 2: BatchNorm statistics estimated on the training images
+# before extraction where nothing had set them (version 1's keys have no version field).
+FEATURE_VERSION = 2
+# The guard at the switch from LinearInit's linear phase to fine-tuning: the head is
+# saturated when more than SATURATED_SHARE of its logits on the first fine-tuning batch are past
+# +-SATURATED_LOGIT. At |logit| 10 the sigmoid is within 5e-5 of 0 or 1. The heads of the runs that
+# collapsed after a linear phase on features fine-tuning does not compute (digits, AN, BatchNorm
+# statistics never set) had 76-100 % of their logits there, every head fitted to the right features 0 %
+# (docs/method.md); half lies between with room on both sides. A warning, not an error: a head may be
+# that sure and right.
+SATURATED_LOGIT = 10.0
+SATURATED_SHARE = 0.5
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,7 +107,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True   # fixed input sizes: pick the fastest kernels once
         self.pin = cuda
         # nvJPEG in this process, only asked for: DataLoader workers decode in parallel with the
-        # GPU step, whereas GPU decoding takes turns with it (README, "Performance")
+        # GPU step, whereas GPU decoding takes turns with it (docs/performance.md)
         self.gpu_decoder = None
         if cuda and cfg.image_decode == "gpu":
             from wsml.data.compact import GpuDecoder
@@ -118,6 +131,8 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.best = {"val_map": -math.inf, "epoch": 0, "test_map": None}
+        self.on_batch: Callable[[StateFn], None] | None = None    # see `run`
+        self.in_epoch: dict[str, Any] | None = None    # the epoch in progress, as far as done (a state's "in_epoch")
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         """End-to-end: the backbone at `lr`, the head at `lr * lr_head_mult`, ROLE's estimator at 10x `lr`."""
@@ -191,8 +206,11 @@ class Trainer:
         return mean_average_precision(self._predict(s.images), s.labels, self.data.observed_only_metric).map
 
     # -- LinearInit -----------------------------------------------------
-    def linear_init(self) -> None:
-        """Train the head (and ROLE's estimator) on features of the frozen backbone.
+    def linear_init(self) -> float:
+        """Train the head (and ROLE's estimator) on features of the frozen backbone, as fine-tuning will
+        start it (BatchNorm statistics estimated first where nothing set them); returns the share of the
+        head's logits past +-SATURATED_LOGIT on the first fine-tuning batch, logged as a warning above
+        SATURATED_SHARE.
 
         The head and the estimates of the best validation epoch are kept and
         fine-tuning starts from both, as in the single-positive work (its
@@ -207,13 +225,23 @@ class Trainer:
         from wsml.data.cache import cached_array
 
         cfg = self.cfg
+        # Without weights nothing has set BatchNorm's statistics; pretrained ones keep theirs, as the single-
+        # positive work's precomputed ImageNet features did (measured: docs/method.md, "What the head is
+        # trained on"). Done whether or not the features are cached, so that the model fine-tuning starts
+        # from is the same either way.
+        estimate = cfg.weights == "none"
+        if estimate:
+            self._estimate_batchnorm()
         feats = {}
         for split in ("train", "val"):
             images = getattr(self.data, split).images
-            key = {"kind": "features", "images": self.data.image_key, "split": split, "n": len(images),
-                   "backbone": weights_id(cfg.arch, cfg.weights),
+            key = {"kind": "features", "version": FEATURE_VERSION, "images": self.data.image_key, "split": split,
+                   "n": len(images), "backbone": weights_id(cfg.arch, cfg.weights),
                    # a randomly initialised backbone depends on the seed
-                   "seed": cfg.seed if cfg.weights == "none" else None}
+                   "seed": cfg.seed if cfg.weights == "none" else None,
+                   # estimated statistics depend on the training images they came from and the batch size
+                   "batchnorm": ({"train_images": len(self.data.train.images), "batch_size": cfg.batch_size}
+                                 if estimate else "as loaded")}
 
             def build(out, images=images, split=split):
                 out[:] = self._predict(images, features=True, progress=f"linear-init: {split} features")
@@ -250,22 +278,87 @@ class Trainer:
             with torch.no_grad():
                 self.estimator.copy_(best[2])
         self.optimizer = self._optimizer(cfg.lr)   # fresh optimizer state for end-to-end training
+        share = self._switch_saturation()
+        line = f"linear-init: {share:.0%} of the head's logits on the first fine-tuning batch are past +-{SATURATED_LOGIT:g}"
+        if share > SATURATED_SHARE:
+            line = (f"warning: {line} (over {SATURATED_SHARE:.0%}): the head is saturated, fine-tuning may stay "
+                    "at the label prior; the linear phase saw other features than fine-tuning computes, or its "
+                    "lr is too high")
+        self.log(line)
+        return share
+
+    def _estimate_batchnorm(self) -> None:
+        """Set the backbone's BatchNorm statistics to their average over the training images.
+
+        One train-mode pass without gradients, in batches of the training batch size, averaging each
+        batch's statistics with equal weight (torch's `update_bn`: momentum None); no weight changes.
+        Eval-mode features then match what fine-tuning computes in train mode from each batch's own
+        statistics; with the initial mean 0 / variance 1 they were about 100x smaller on digits.
+        """
+        images, bs = self.data.train.images, self.cfg.batch_size
+        batches = [np.arange(i, min(i + bs, len(images))) for i in range(0, len(images), bs)]
+        shown = Progress(len(images), "linear-init: BatchNorm statistics", "img",
+                         log=None if self.log is print else self.log)
+
+        def inputs():
+            for index, batch in self._loader(images, batches):
+                self.safe_point()
+                yield self._to_input(batch)
+                shown.update(len(index))
+
+        with self.autocast:
+            torch.optim.swa_utils.update_bn(inputs(), self.model.backbone)
+        shown.close()
+
+    def _switch_saturation(self) -> float:
+        """Share of the head's logits past +-SATURATED_LOGIT on the first batch fine-tuning trains on,
+        computed as that step computes them (train mode, its flips); the BatchNorm statistics this forward
+        pass updates are put back."""
+        batches, flips = self._epoch_plan(1)
+        index, batch = next(iter(self._loader(self.data.train.images, batches[:1])))
+        x = self._to_input(batch, None if flips is None else flips[:len(index)])
+        saved = [b.clone() for b in self.model.buffers()]
+        self.model.train()
+        with torch.no_grad():
+            with self.autocast:
+                logits = self.model(x).float()
+            for b, value in zip(self.model.buffers(), saved, strict=True):
+                b.copy_(value)
+        return float((logits.abs() > SATURATED_LOGIT).float().mean())
 
     # -- one epoch -------------------------------------------------------
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def _epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], torch.Tensor | None]:
+        """The batches of `epoch` (image indices) and the flip of each position in them (None: no flip)."""
         cfg, n = self.cfg, len(self.data.train.labels)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)   # resumable without RNG state
         perm = torch.randperm(n, generator=g).numpy()
         flips = torch.rand(n, generator=g) < 0.5 if cfg.hflip else None
         # sorted within a batch: the memmap is read in order, labels are looked up by index anyway
-        batches = [np.sort(perm[i:i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
+        return [np.sort(perm[i:i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)], flips
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, n = self.cfg, len(self.data.train.labels)
+        batches, flips = self._epoch_plan(epoch)
         self.model.train()
         zero = torch.zeros((), device=self.device)
         loss_sum, modified, modified_pos = zero.clone(), zero.clone(), zero.clone()
+        first = 0       # a state saved within this epoch continues after its batches, its sums included
+        if self.in_epoch is not None and self.in_epoch["epoch"] == epoch:
+            first = int(self.in_epoch["batch"])
+            loss_sum += self.in_epoch["loss_sum"]
+            modified += self.in_epoch["modified"]
+            modified_pos += self.in_epoch["modified_pos"]
+        self.in_epoch = None
         start = time.perf_counter()
         graph = None
-        for b, (index, images) in enumerate(self._loader(self.data.train.images, batches)):
+        for b, (index, images) in enumerate(self._loader(self.data.train.images, batches[first:]), start=first):
             self.safe_point()
+            if self.on_batch is not None:
+                # nothing in a step draws from torch's global RNG (the flips and the order come from the
+                # epoch's own generator), so a run continued from here trains as this one goes on
+                self.in_epoch = {"epoch": epoch, "batch": b, "sums": (loss_sum, modified, modified_pos)}
+                self.on_batch(self.get_state)
+                self.in_epoch = None
             flip = None if flips is None else flips[b * cfg.batch_size: b * cfg.batch_size + len(index)]
             x = self._to_input(images, flip)
             index = index.to(self.device, non_blocking=True)
@@ -286,7 +379,7 @@ class Trainer:
         modified, modified_pos = float(modified), float(modified_pos)
         return {"train_loss": loss, "modified_frac": modified / (n * self.data.num_classes),
                 "modified_true_pos_frac": modified_pos / modified if modified else math.nan,
-                "train_seconds": seconds, "images_per_s": n / seconds}
+                "train_seconds": seconds, "images_per_s": (n - min(n, first * cfg.batch_size)) / seconds}
 
     def _step(self, x: torch.Tensor, index: torch.Tensor, epoch: int):
         """Forward, the scheme's loss, backward, optimizer step; LL-Cp writes its flips."""
@@ -314,6 +407,9 @@ class Trainer:
                  "rng_torch": torch.get_rng_state(), "data": dict(self.data.fingerprint)}
         if self.estimator is not None:
             state["estimator"] = self.estimator.detach().cpu()
+        if self.in_epoch is not None:
+            sums = dict(zip(("loss_sum", "modified", "modified_pos"), (float(t) for t in self.in_epoch["sums"])))
+            state["in_epoch"] = {"epoch": self.in_epoch["epoch"], "batch": self.in_epoch["batch"], **sums}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -342,6 +438,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best = dict(state["best"])
+        self.in_epoch = state.get("in_epoch")
         torch.set_rng_state(state["rng_torch"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
@@ -384,7 +481,8 @@ class _GraphedStep:
 
 
 def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, resume_state: dict | None = None,
-        log: Callable[[str], None] | None = print, safe_point: Callable[[], None] | None = None) -> RunResult:
+        log: Callable[[str], None] | None = print, safe_point: Callable[[], None] | None = None,
+        data_id: str | None = None, on_batch: Callable[[StateFn], None] | None = None) -> RunResult:
     """Train and evaluate one configuration.
 
     `on_epoch(report, get_state)` is called after every epoch; `get_state()`
@@ -393,18 +491,31 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, resume_state: d
     (its fingerprint) it is refused. Returning True from `on_epoch` stops
     training after that epoch. `safe_point()` is called before every batch of
     training and evaluation, where raising abandons the run cleanly (the
-    command line's Ctrl-C and SIGTERM).
+    command line's Ctrl-C and SIGTERM). `data_id`: the identity of the data
+    the caller records the result under (`wsml.data.loading.data_id`); other
+    data raises DataChanged before anything is trained. `on_batch(get_state)`
+    is called before every training batch: a state got there holds the epoch in
+    progress as far as done ("in_epoch"), and a run resumed from it continues
+    within that epoch (a checkpoint at a spot notice: orchestration/trainable.py).
     """
     cfg = cfg.resolve()
     log = log or (lambda _msg: None)
     device = resolve_device(cfg.device)
     data = load_data(cfg)
+    if data_id is not None and data.data_id != data_id:
+        where = "the generated digits" if cfg.dataset == "digits" else f"the data set at {cfg.data_root}"
+        raise DataChanged(f"{where} is not the data this run was planned on (data {data.data_id}, expected "
+                          f"{data_id}): it changed, or this node holds another copy; give every node the same "
+                          "prepared data set, or start a new sweep on the data as it is now")
     trainer = Trainer(cfg, data, device, log, safe_point)
+    trainer.on_batch = on_batch
+    switch = None   # LinearInit: the head's saturation at the switch to fine-tuning, reported with epoch 1
     if resume_state is not None:
         trainer.load_state(resume_state)
-        log(f"resumed after epoch {trainer.epoch}")
+        within = f", batch {trainer.in_epoch['batch']} of epoch {trainer.epoch + 1}" if trainer.in_epoch else ""
+        log(f"resumed after epoch {trainer.epoch}{within}")
     elif cfg.mode == "linear-init":
-        trainer.linear_init()
+        switch = trainer.linear_init()
     rule = LargeLossRule(cfg.scheme, cfg.delta_rel)
     stopped = any(h.get("stop") for h in trainer.history)
     while trainer.epoch < cfg.epochs and not stopped:
@@ -421,7 +532,8 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, resume_state: d
             modified_true_pos_frac=stats["modified_true_pos_frac"], clean_rate=clean_rate(epoch, rule),
             best_val_map=trainer.best["val_map"], best_epoch=trainer.best["epoch"],
             test_map_at_best=trainer.best["test_map"], epoch_seconds=time.perf_counter() - start,
-            images_per_s=stats["images_per_s"], stop=stopped)
+            images_per_s=stats["images_per_s"], linear_init_saturated_frac=switch, stop=stopped)
+        switch = None
         trainer.epoch = epoch
         trainer.history.append({**report.metrics(), "stop": stopped})
         log(_epoch_line(report, cfg.epochs))
@@ -478,7 +590,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true", help="capture each training step as one CUDA graph")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flip in training (default: on, off for digits)")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images (counted); refused past 1 %% of a split's images, or when a class "
+                        "loses every observed positive of the training split")
     p.add_argument("--max-train-images", type=int, help="train on the first N images only (quick checks)")
     p.add_argument("--boostlu-alpha", type=float, metavar="A",
                    help="BoostLU (CVPR 2023): multiply positive class-activation-map values by A before "

@@ -2,7 +2,7 @@
 
 Every trial on a node trains on the same images, so decoding and resizing them each epoch in each
 trial wastes 3-4 CPU cores per trial (the published per-epoch PIL pipeline gives about 250 VOC
-images/s per core: README, Performance). Instead the first caller builds the array once and every
+images/s per core: docs/performance.md). Instead the first caller builds the array once and every
 later caller, in any process, memory-maps it read-only.
 
 A cache entry is a directory `<name>-<hash of key>/` holding one `.npy` per array and `key.json`.
@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import PIL
@@ -159,11 +160,26 @@ def _move_into_place(tmp: Path, entry: Path) -> None:
         os.replace(tmp, entry)
 
 
+class ImageArray(Protocol):
+    """Images as a read-only uint8 (N, H, W, 3) array that reads only the rows indexed: a memmap, the
+    compact cache's `CompactImages`, or a row subset of either."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any) -> Any: ...
+
+
 @dataclass(frozen=True)
 class ImageCache:
     """Decoded images resized to size x size, in the order of the path list given."""
 
-    array: np.memmap  # (N, size, size, 3) uint8 HWC RGB, read-only (the compact cache: CompactImages)
+    array: ImageArray  # (N, size, size, 3) uint8 HWC RGB, read-only: a memmap (the compact cache: CompactImages)
     bad: np.ndarray   # int64 indices of unreadable images that were skipped; their pixels are 0
     file_sizes: np.ndarray  # int64 bytes of each file as found (-1: missing), for the data fingerprint
 
@@ -182,7 +198,7 @@ def load_image_cache(paths: Sequence[str], size: int, cache_root: str | os.PathL
         raise DataError("no images to cache: the image list is empty; check the data set's image folder "
                         "and split files")
     files = [os.path.abspath(p) for p in paths]
-    stats = []
+    stats: list[list[str | int | None]] = []
     for p in files:
         try:
             st = os.stat(p)
@@ -227,7 +243,7 @@ def resized(path: str, size: int) -> Image.Image:
     Same calls as torchvision's Resize((size, size)) on a PIL image: PIL's antialiased bilinear.
     """
     with Image.open(path) as im:
-        return im.convert("RGB").resize((size, size), Image.BILINEAR)
+        return im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
 
 
 def _decode(path: str, size: int) -> np.ndarray:
@@ -237,7 +253,7 @@ def _decode(path: str, size: int) -> np.ndarray:
 def _why_unreadable(path: str) -> str:
     try:
         _decode(path, 1)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any decoder error is the reason shown
         return f"{type(e).__name__}: {e}"
     return "it could not be decoded when the cache was built"
 
@@ -249,7 +265,7 @@ def _decode_chunk(npy: str, jobs: list[tuple[int, str]], size: int) -> list[int]
     for i, path in jobs:
         try:
             out[i] = _decode(path, size)
-        except Exception:  # PIL signals bad files with OSError, SyntaxError, ValueError, ...: all mean "unreadable"
+        except Exception:  # noqa: BLE001 - PIL signals bad files with OSError, SyntaxError, ValueError, ...: all mean "unreadable"
             bad.append(i)
     out.flush()
     return bad
@@ -257,6 +273,8 @@ def _decode_chunk(npy: str, jobs: list[tuple[int, str]], size: int) -> list[int]
 
 def _decode_all(files: list[str], size: int, out: np.memmap, workers: int) -> list[int]:
     jobs = list(enumerate(files))
+    npy = out.filename
+    assert npy is not None    # a memmap of a file
     # Small chunks keep the workers evenly loaded and the progress shown moving.
     step = max(1, min(256, len(jobs) // (max(workers, 1) * 8)))
     chunks = [jobs[i:i + step] for i in range(0, len(jobs), step)]
@@ -264,7 +282,7 @@ def _decode_all(files: list[str], size: int, out: np.memmap, workers: int) -> li
         if workers <= 1:
             bad = []
             for chunk in chunks:
-                bad += _decode_chunk(out.filename, chunk, size)
+                bad += _decode_chunk(npy, chunk, size)
                 shown.update(len(chunk))
             return bad
         # spawn keeps worker start-up safe in threaded parents (torch, Ray)
@@ -272,7 +290,7 @@ def _decode_all(files: list[str], size: int, out: np.memmap, workers: int) -> li
                                  mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
                 bad = []
-                for chunk, found in zip(chunks, pool.map(_decode_chunk, [out.filename] * len(chunks), chunks,
+                for chunk, found in zip(chunks, pool.map(_decode_chunk, [npy] * len(chunks), chunks,
                                                          [size] * len(chunks))):
                     bad += found
                     shown.update(len(chunk))

@@ -107,8 +107,8 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.jpgs"
 
 
-def plan(paths: Sequence[str], size: int, cache_root: str | os.PathLike, *, image_root: str | None = None,
-         quality: int = QUALITY, shard_images: int = SHARD_IMAGES) -> CompactPlan:
+def plan(paths: Sequence[str] | np.ndarray, size: int, cache_root: str | os.PathLike, *,
+         image_root: str | None = None, quality: int = QUALITY, shard_images: int = SHARD_IMAGES) -> CompactPlan:
     """The cache entry for `paths` resized to `size`, created (plan.json, paths.npy) if new.
 
     `paths` are relative to `image_root` when it is given (a memory-mapped array of them is read in
@@ -120,22 +120,22 @@ def plan(paths: Sequence[str], size: int, cache_root: str | os.PathLike, *, imag
         raise DataError("no images to cache: the image list is empty; check the data set's image folder "
                         "and split files")
     if image_root is None:
-        paths = np.asarray([os.path.abspath(p) for p in paths], dtype=str)
+        names = np.asarray([os.path.abspath(p) for p in paths], dtype=str)
         root = ""
     else:
-        paths = paths if isinstance(paths, np.ndarray) and paths.dtype.kind == "U" else np.asarray(paths, dtype=str)
+        names = paths if isinstance(paths, np.ndarray) and paths.dtype.kind == "U" else np.asarray(paths, dtype=str)
         root = str(Path(image_root).absolute())
     settings = {"format": FORMAT_VERSION, "size": int(size), "quality": int(quality), "shard_images": int(shard_images),
-                "pillow": PIL.__version__, "image_root": root, "count": len(paths)}
+                "pillow": PIL.__version__, "image_root": root, "count": len(names)}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for chunk in _chunks(paths):
+    for chunk in _chunks(names):
         digest.update("\0".join(chunk.tolist()).encode())
         digest.update(b"\0")
     cache_root = Path(cache_root).absolute()
     entry = cache_root / f"compact{size}-{digest.hexdigest()[:32]}"
     if not (entry / "plan.json").is_file():
-        _create_entry(entry, settings, paths)
-    n = len(paths)
+        _create_entry(entry, settings, names)
+    n = len(names)
     shards = [ShardSpec(str(entry), i, start, min(start + shard_images, n), int(size), int(quality))
               for i, start in enumerate(range(0, n, shard_images))]
     return CompactPlan(entry=entry, count=n, size=int(size), shards=shards)
@@ -263,9 +263,9 @@ def build_shard(spec: ShardSpec, *, on_image: Callable[[int], None] | None = Non
     with FileLock(f"{final}.lock"):
         for leftover in final.parent.glob(f"{final.name}.tmp-*"):  # a killed builder's: none is live
             leftover.unlink(missing_ok=True)
-        if _current(spec, paths):
-            bad = int(_read_index(final).bad.sum())
-            return ShardResult(spec.index, len(paths), bad, False, time.monotonic() - start, host)
+        index = _read_index(final) if _current(spec, paths) else None
+        if index is not None:
+            return ShardResult(spec.index, len(paths), int(index.bad.sum()), False, time.monotonic() - start, host)
         tmp = final.parent / f"{final.name}.tmp-{host}-{os.getpid()}-{secrets.token_hex(4)}"
         n = len(paths)
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -278,7 +278,7 @@ def build_shard(spec: ShardSpec, *, on_image: Callable[[int], None] | None = Non
                     stats[i] = _stat(p)
                     try:
                         jpeg = encode(resized(p, spec.size), spec.quality)
-                    except Exception:  # PIL signals bad files with OSError, SyntaxError, ValueError, ...
+                    except Exception:  # noqa: BLE001 - PIL signals bad files with OSError, SyntaxError, ValueError, ...
                         jpeg, bad[i] = b"", 1
                     f.write(jpeg)          # outside the try: a full disk is an error, not a bad image
                     offsets[i + 1] = f.tell()
@@ -446,7 +446,7 @@ class GpuDecoder:
         return out
 
 
-def load_compact_cache(paths: Sequence[str], size: int, cache_root: str | os.PathLike, *,
+def load_compact_cache(paths: Sequence[str] | np.ndarray, size: int, cache_root: str | os.PathLike, *,
                        image_root: str | None = None, skip_bad: bool = False, workers: int | None = None,
                        quality: int = QUALITY, shard_images: int = SHARD_IMAGES) -> ImageCache:
     """The compact cache of `paths` at `size`, built first where shards are missing or stale.

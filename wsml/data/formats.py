@@ -9,7 +9,9 @@ A prepared folder holds, as the published code writes them:
     formatted_train_labels_obs.npy   optional, (N_train, C) observed labels
 
 and our `meta.json`: `dataset`, `class_names`, `num_classes` and `image_root`,
-the absolute folder the image paths are relative to.  "train" and "val" are the
+the folder the image paths are relative to, itself relative to the prepared
+folder (so the two can be copied or moved together), with
+`image_root_absolute` where it was when prepared.  "train" and "val" are the
 OFFICIAL splits: the trainer carves 20 % of official train into validation and
 uses official val as the test set.
 
@@ -247,11 +249,15 @@ def write_formatted(
             raise DataError(
                 f"{dest} holds other files ({foreign[0]}, ...); choose an empty or new --dest, it is replaced as a whole"
             )
+    root = Path(image_root).resolve()
     meta = {
         "dataset": dataset,
         "class_names": class_names,
         "num_classes": len(class_names),
-        "image_root": str(Path(image_root).resolve()),
+        # relative to the prepared folder, so that the folder and its images copied or moved together (to
+        # shared storage, another node) still find each other; the absolute path for the folder moved alone
+        "image_root": os.path.relpath(root, dest.resolve()),
+        "image_root_absolute": str(root),
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
     # not mkdtemp: its 0700 mode would stay on dest and hide the data from other users of shared storage
@@ -307,6 +313,20 @@ def read_arrays(root) -> dict[str, np.ndarray]:
     return _check_set(arrays, None, root)
 
 
+def _meta_image_root(root: Path, meta: dict) -> Path:
+    """Where meta.json says the images are: its `image_root` relative to the prepared folder (written so
+    since the folder may move with its images), else where they were when prepared (the folder moved
+    alone). meta.json files of earlier versions hold an absolute `image_root` only."""
+    given = Path(meta["image_root"])
+    if given.is_absolute():
+        return given
+    beside = root.absolute() / given
+    before = meta.get("image_root_absolute")
+    if not beside.is_dir() and before and Path(before).is_dir():
+        return Path(before)
+    return beside
+
+
 def read_formatted(root, *, image_root=None, dataset: str | None = None) -> Formatted:
     """Load and validate a prepared folder.
 
@@ -329,8 +349,8 @@ def read_formatted(root, *, image_root=None, dataset: str | None = None) -> Form
                 f"{root} has no {META_FILE} saying where its images live; pass image_root= (the folder the paths "
                 f"in {images_file('train')} are relative to), or {PREPARE_HINT}"
             )
-        image_root = meta["image_root"]
-    image_root = Path(image_root).absolute()
+        image_root = _meta_image_root(root, meta)
+    image_root = Path(os.path.normpath(Path(image_root).absolute()))
 
     arrays = read_arrays(root)
     for split in SPLITS:

@@ -159,7 +159,8 @@ def build_coco(source: Path) -> Built:
     hint = "--source should point at the folder holding annotations/, train2014/ and val2014/ (COCO 2014)"
     again = "download annotations_trainval2014.zip again"
     root = _pick(source, [source, source.parent], Path("annotations"), Path("annotations"), hint)
-    class_ids = class_names = None
+    class_ids: list[int] | None = None
+    class_names: list[str] = []
     splits = {}
     for split in ("train", "val"):
         path = _require(root / "annotations" / f"instances_{split}2014.json", hint)
@@ -167,8 +168,8 @@ def build_coco(source: Path) -> Built:
             data = json.loads(path.read_text())
             categories = sorted((int(c["id"]), str(c["name"])) for c in data["categories"])
             files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
-            pairs = [(int(a["image_id"]), int(a["category_id"])) for a in data["annotations"]]
-            pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+            pair_list = [(int(a["image_id"]), int(a["category_id"])) for a in data["annotations"]]
+            pairs = np.array(pair_list, dtype=np.int64).reshape(-1, 2)
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{path} is not a COCO instances file ({err!r}); {again}") from None
         if class_ids is None:
