@@ -92,8 +92,10 @@ bash scripts/setup.sh --check ||
   die ".venv is missing or not up to date with requirements.txt: build it on the login node, in $WSML_DIR: PYTHON=$PYTHON TORCH_CUDA=<cu130|cu128|cu126|cpu, for the nodes' driver> bash scripts/setup.sh (docs/slurm.md)"
 PY=$WSML_DIR/.venv/bin/python
 RAY=$WSML_DIR/.venv/bin/ray
-pyerr=$("$PY" -c '' 2>&1) ||
-  die "$PY does not run on $(hostname) (${pyerr%%$'\n'*}): load the Python it was built from ($(grep -m1 '^home' .venv/pyvenv.cfg)) in the file WSML_ENV_SETUP names (docs/slurm.md)"
+# the standard library's C modules too: a module's Python started without its module may find another
+# libpython (the system's) and fail only when these load
+pyerr=$("$PY" -c 'import ctypes, sqlite3, ssl' 2>&1) ||
+  die "$PY does not run on ${SLURMD_NODENAME:-$(hostname)} (${pyerr##*$'\n'}): load the Python it was built from ($(grep -m1 '^home' .venv/pyvenv.cfg)) in the file WSML_ENV_SETUP names (docs/slurm.md)"
 "$PY" -c 'import sys; from wsml.config import DATASETS; sys.exit(sys.argv[1] not in DATASETS)' "$DATASET" ||
   die "DATASET=$DATASET: unknown data set; choose one of $("$PY" -c 'from wsml.config import DATASETS; print(*DATASETS)')"
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true

@@ -33,7 +33,7 @@ import torch
 
 from wsml.config import TrainConfig
 from wsml.data.loading import Split, WSMLData
-from wsml.train import Trainer, _GraphedStep
+from wsml.trainer import Trainer, _GraphedStep
 
 BATCH, SIZE, CLASSES = 16, 448, 20
 
@@ -93,7 +93,7 @@ def our_trainer(images: np.ndarray, precision: str, graph: bool, workers: int = 
 
 def our_step(precision: str, graph: bool):
     trainer = our_trainer(np.zeros((BATCH, 8, 8, 3), np.uint8), precision, graph)
-    x = trainer._to_input(torch.randint(0, 255, (BATCH, SIZE, SIZE, 3), dtype=torch.uint8),
+    x = trainer.to_input(torch.randint(0, 255, (BATCH, SIZE, SIZE, 3), dtype=torch.uint8),
                           torch.rand(BATCH) < 0.5)
     index = torch.arange(BATCH, device="cuda")
     if graph:
@@ -145,7 +145,7 @@ def cache_epoch(workdir: Path, count: int) -> tuple[float, float, float]:
     trainer.train_epoch(2)                      # warm-up epoch: capture, cudnn autotuning, page cache
     torch.cuda.synchronize()
     epoch_rate = trainer.train_epoch(2)["images_per_s"]
-    x = trainer._to_input(torch.from_numpy(np.array(cache.array[:BATCH])))
+    x = trainer.to_input(torch.from_numpy(np.array(cache.array[:BATCH])))
     index = torch.arange(BATCH, device="cuda")
     graphed = _GraphedStep(trainer, 2, x, index, warmup=False)
     synthetic = timed(lambda: graphed(x, index), 10)
@@ -154,7 +154,7 @@ def cache_epoch(workdir: Path, count: int) -> tuple[float, float, float]:
 
 def loader_rate(images, workers: int, batches: int) -> float:
     """images/s the trainer's DataLoader delivers from `images` with `workers` workers, no step."""
-    from wsml.train import _BatchReader
+    from wsml.trainer import _BatchReader
 
     order = np.random.RandomState(0).permutation(len(images))
     index = [np.sort(order[i:i + BATCH]) for i in range(0, min(len(order), batches * BATCH), BATCH)]
@@ -172,7 +172,7 @@ def compact_epochs(args) -> int:
     """The `--compact` measurements; see the module docstring."""
     from loader import make_images   # bench/loader.py's photo-like VOC-sized JPEGs (decode costs of a photo)
 
-    from wsml.data.compact import load_compact_cache
+    from wsml.data.compact_images import load_compact_cache
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="wsml-gpu-bench-"))
     paths = make_images(workdir / "jpeg", args.images)
@@ -195,7 +195,7 @@ def compact_epochs(args) -> int:
             trainer.train_epoch(2)                  # warm-up epoch: capture, cudnn autotuning, page cache
             torch.cuda.synchronize()
             rates[(decode, w)] = trainer.train_epoch(2)["images_per_s"]
-    x = trainer._to_input(torch.from_numpy(cache.array[np.arange(BATCH)]))
+    x = trainer.to_input(torch.from_numpy(cache.array[np.arange(BATCH)]))
     index = torch.arange(BATCH, device="cuda")
     graphed = _GraphedStep(trainer, 2, x, index, warmup=False)
     synthetic = timed(lambda: graphed(x, index), args.seconds)

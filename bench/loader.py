@@ -34,7 +34,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 
 from wsml.data.cache import load_image_cache
-from wsml.data.compact import QUALITY, load_compact_cache
+from wsml.data.compact import QUALITY
+from wsml.data.compact_images import load_compact_cache
 
 SIZE, BATCH, WARMUP_BATCHES = 448, 16, 4
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

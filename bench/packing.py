@@ -1,6 +1,6 @@
 """How many digits trials to pack per CPU (and per GPU), by measured aggregate throughput.
 
-Each trial is a separate process that builds the trainer (`wsml.train.Trainer`,
+Each trial is a separate process that builds the trainer (`wsml.trainer.Trainer`,
 digits, LL-R at delta_rel 2, the default small CNN) and runs its training loop
 as `Trainer.train_epoch` does (batches of the in-memory mosaics, normalisation
 and flips, forward, the large-loss rule, backward, Adam), from epoch 2 on so the
@@ -46,7 +46,7 @@ def _worker(device: str, threads: int, warmup: float, seconds: float, barrier, q
         pass
     from wsml.config import TrainConfig
     from wsml.data.loading import load_data
-    from wsml.train import Trainer
+    from wsml.trainer import Trainer
 
     cfg = TrainConfig(dataset="digits", scheme="LL-R", delta_rel=2.0, device=device, num_workers=0).resolve()
     data = load_data(cfg)
@@ -63,13 +63,13 @@ def _worker(device: str, threads: int, warmup: float, seconds: float, barrier, q
             perm = torch.randperm(n, generator=g).numpy()
             flips = torch.rand(n, generator=g) < 0.5
             order = [np.sort(perm[i:i + bs]) for i in range(0, n, bs)]
-            for b, (index, images) in enumerate(trainer._loader(data.train.images, order)):
+            for b, (index, images) in enumerate(trainer.loader(data.train.images, order)):
                 yield epoch, index, images, flips[b * bs: b * bs + len(index)]
             epoch += 1
 
     def step(item) -> int:
         epoch, index, images, flip = item
-        x = trainer._to_input(images, flip)
+        x = trainer.to_input(images, flip)
         trainer._step(x, index.to(trainer.device, non_blocking=True), epoch)
         return len(index)
 

@@ -10,14 +10,14 @@ trainer is deterministic, one seed, same data).
 
 The search, replayed on the recorded curves by a small discrete-event
 simulation that drives the REAL library objects: the sweep's own searcher and
-scheduler (`orchestration.per_scheme.build`: one Optuna study and one Ray
+scheduler (`orchestration.search.per_scheme.build`: one Optuna study and one Ray
 `ASHAScheduler` per scheme, Ray's `OptunaSearch` around Optuna's samplers),
 called as Tune calls them (`suggest`, `on_trial_add`, `on_trial_result`,
 `on_trial_complete`) with minimal trial stand-ins. `--gpus` trials run at
 once, each reporting one epoch per time step (every configuration's epoch
-takes as long); the searcher proposes up to `--ahead` trials before their
-results (Tune's `max_concurrent_trials`; "all": every trial at once, the
-sweep's default). Nothing of TPE or ASHA is re-implemented here.
+takes as long); the searcher proposes as many trials as run at once (the
+sweep's default `max_concurrent`, orchestration/cluster/slots.py; variant
+token `all`: every trial at once). Nothing of TPE or ASHA is re-implemented here.
 
 The measure, per scheme: epochs spent on that scheme's trials (in the order
 results arrive) up to the first result within 1 mAP (validation, best_val_map)
@@ -134,8 +134,8 @@ class Variant:
     asha: bool = True
     grace_period: int | None = None     # None: the space file's
     reduction_factor: float | None = None
-    ahead: str = "all"                  # proposals ahead of results: all (num_samples, the default) or gpus
-    startup_share: float | None = None  # per_scheme.STARTUP_SHARE instead of the shipped one
+    ahead: str = "gpus"                 # proposals ahead of results: gpus (the default: cluster/slots.py) or all
+    startup_share: float | None = None  # study.STARTUP_SHARE instead of the shipped one
 
 
 VARIANTS = {
@@ -148,9 +148,9 @@ VARIANTS = {
 def variant_of(name: str) -> Variant:
     """A named variant, or a what-if: '+'-joined tokens over the shipped settings: random, tpe (Optuna's
     defaults, the sampler shipped before), liar / liar0 (constant_liar on / off), mv / mv0 (multivariate),
-    s<N> (n_startup_trials N), sh<P> (n_startup_trials P % of a study's share, per_scheme.STARTUP_SHARE),
-    noasha, g<N> (grace period), rf<N> (reduction factor), gpus (proposed only as trials start:
-    max_concurrent = GPUs, not num_samples)."""
+    s<N> (n_startup_trials N), sh<P> (n_startup_trials P % of a study's share, study.STARTUP_SHARE),
+    noasha, g<N> (grace period), rf<N> (reduction factor), all (every trial proposed at once:
+    max_concurrent = num_samples, the default before proposing as slots free), gpus (as shipped)."""
     if name in VARIANTS:
         return VARIANTS[name]
     v, tpe = Variant(name), {}
@@ -173,8 +173,8 @@ def variant_of(name: str) -> Variant:
             v = dataclasses.replace(v, grace_period=int(tok[1:]))
         elif tok.startswith("rf") and tok[2:].isdigit():
             v = dataclasses.replace(v, reduction_factor=float(tok[2:]))
-        elif tok == "gpus":
-            v = dataclasses.replace(v, ahead="gpus")
+        elif tok in ("gpus", "all"):
+            v = dataclasses.replace(v, ahead=tok)
         elif tok != "shipped":
             raise SystemExit(f"error: unknown variant token {tok!r} in {name!r}")
     if tpe:
@@ -183,7 +183,7 @@ def variant_of(name: str) -> Variant:
 
 
 def bench_space(settings: dict, num_samples: int, seed: int, variant: Variant):
-    from orchestration.space import FloatParam, load_space, with_overrides
+    from orchestration.search.space import FloatParam, load_space, with_overrides
 
     space = load_space(DATASET)
     space = with_overrides(space, epochs=settings["epochs"], num_samples=num_samples, final_seeds=0,
@@ -205,11 +205,11 @@ def build_search(space, variant: Variant):
 
     import optuna
 
-    from orchestration import per_scheme
     from orchestration.common import METRIC, MODE
+    from orchestration.search import per_scheme, study
 
     real_tpe = optuna.samplers.TPESampler
-    share = mock.patch.object(per_scheme, "STARTUP_SHARE", variant.startup_share or per_scheme.STARTUP_SHARE)
+    share = mock.patch.object(study, "STARTUP_SHARE", variant.startup_share or study.STARTUP_SHARE)
     if variant.sampler == "shipped":
         with share:
             searcher, scheduler = per_scheme.build(space, METRIC, MODE)
@@ -322,7 +322,7 @@ def tune_check(space, curves: dict, targets: dict[str, float]) -> dict[str, int 
     import ray
     from ray import tune
 
-    from orchestration import tuner
+    from orchestration.run import tuner
 
     rows: list[dict] = []
 

@@ -9,11 +9,15 @@ reads every run with `mlflow.search_runs` (the schema is in
   per scheme, a column per data set x mode, each cell the test mAP of the
   final-seed runs (role=final) as mean +- sample std (ddof=1; left blank when
   n = 1), n, the paper's number and the difference ours - paper;
+* `boostlu.md`, `boostlu.csv`, `boostlu.tex` - the BoostLU paper's table beside ours, when BoostLU runs
+  exist;
+* `recent.md`, `recent.csv`, `recent.tex` - the methods since 2022 (EM, EM+APL, GR: the registry's
+  `recent` schemes, wsml/schemes.py), each beside its own paper's number, when their final runs exist;
 * `openimages.md`, `openimages.csv` - G1-G5 and all, when OpenImages runs exist;
 * `sweeps.md`, `sweeps.csv` - per sweep and scheme: the best configuration
   (by best_val_map over the search trials), trials run, ASHA stops, epochs and
   GPU-hours spent;
-* `figures/*.png` - see `orchestration/figures.py`.
+* `figures/*.png` - see `orchestration/report/figures.py`.
 
 Files are written atomically (temp file, then rename) and only when there is
 something to write. An empty or missing store, an unknown experiment or an
@@ -39,15 +43,16 @@ from typing import NoReturn
 import pandas as pd
 
 from wsml.files import atomic_write
+from wsml.logs import show_on_console
 from wsml.progress import Progress
 
 from orchestration import common as T
-from orchestration import store
+from orchestration.tracking import store
 from orchestration.common import AggregateError, first_line
 from orchestration.report.render import render_openimages, render_sweeps, render_table1
 from orchestration.report.runs import load_runs
-from orchestration.report.tables import (boostlu_frame, estimates_frame, openimages_frame, sweeps_frame,
-                                         table1_frame)
+from orchestration.report.tables import (boostlu_frame, estimates_frame, openimages_frame, recent_frame,
+                                         sweeps_frame, table1_frame)
 
 __all__ = ["AggregateResult", "aggregate", "estimates_frame", "load_runs", "main"]
 
@@ -66,6 +71,7 @@ class AggregateResult:
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     importance: pd.DataFrame | None = None   # per scheme, Optuna's importance of each searched value
+    recent: pd.DataFrame | None = None       # tidy, as table1: the methods since 2022 beside their papers
 
 
 # --------------------------------------------------------------------------- writing
@@ -83,6 +89,8 @@ def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = Non
     t1 = table1_frame(runs, notes)
     oi = openimages_frame(runs, notes)
     boost = boostlu_frame(runs, notes)
+    recent_notes: list[str] = []
+    recent = recent_frame(runs, recent_notes)
     sw = sweeps_frame(runs)
     out = Path(out_dir)
     result = AggregateResult(out_dir=out, experiments=used, runs=runs, table1=None, openimages=None,
@@ -100,6 +108,12 @@ def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = Non
                                      "mAP, ours vs. the BoostLU paper", label="tab:boostlu",
                                      all_columns=all_columns)
         outputs += [("boostlu.md", md), ("boostlu.csv", csv), ("boostlu.tex", tex)]
+    if recent is not None and (recent["n"] > 0).any():
+        result.recent = recent
+        md, csv, tex = render_table1(recent, used, recent_notes, title="Methods since 2022 (EM and EM+APL, ECCV "
+                                     "2022; GR, IJCAI 2024): test mAP, ours vs. each method's own paper",
+                                     label="tab:recent", all_columns=True)    # its columns: recent_frame
+        outputs += [("recent.md", md), ("recent.csv", csv), ("recent.tex", tex)]
     if oi is not None:
         result.openimages = oi
         md, csv = render_openimages(oi, notes)
@@ -112,8 +126,8 @@ def aggregate(mlflow_uri: str | None = None, experiments: list[str] | None = Non
 
     figs: list[tuple[str, bytes]] = []
     if figures:
-        from orchestration import figures as F
-        from orchestration import importance
+        from orchestration.report import figures as F
+        from orchestration.report import importance
 
         try:
             result.importance = importance.importances(runs)
@@ -161,6 +175,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    show_on_console("orchestration")
     ap = _Parser(
         prog="aggregate.py", usage=EXAMPLES,
         description="Aggregate sweeps in an MLflow store into Table 1 (ours vs. the paper), the "

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from orchestration.common import ROOT
+
 QUOTA_ON_DEMAND, QUOTA_SPOT = "L-DB2E81BA", "L-3819A6DF"        # EC2's G and VT vCPU quotas (Service Quotas)
 GPU_FAMILIES = ("g", "vt")                                        # instance families those quotas cover
 

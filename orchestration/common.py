@@ -1,4 +1,4 @@
-"""The bottom of `orchestration/`: errors, names shared with the MLflow store, and redaction.
+"""The bottom of `orchestration/`: the checkout's root, errors, names shared with the MLflow store, and redaction.
 
 Every other module of the package may import this one; it imports none of them.
 
@@ -10,11 +10,16 @@ Every other module of the package may import this one; it imports none of them.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from wsml.errors import WSMLError
+
+# the checkout: cluster.yaml, search_spaces/ and scripts/ are found from here
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------- errors
@@ -52,7 +57,7 @@ TAG_TRIAL_ID = "wsml.trial_id"
 TAG_SWEEP = "wsml.sweep"            # the sweep's name (also the experiment's name)
 # The identity of the data a run trained and was scored on (`wsml.data.loading.data_id`): a tag of every
 # sweep, trial and final run, and the param `data_fingerprint`. Results of other data are never reused
-# (`orchestration.known`) nor averaged together (`orchestration.aggregate`); "" : not recorded.
+# (`orchestration.search.known`) nor averaged together (`orchestration.aggregate`); "" : not recorded.
 TAG_DATA = "wsml.data"
 PARAM_DATA = "data_fingerprint"
 TAG_STATUS_REASON = "wsml.end_reason"   # "completed", "asha_stopped", "stop_drop", "failed: <why>", "interrupted"
@@ -93,12 +98,12 @@ EPOCHS_RUN = "epochs_run"
 GPU_HOURS = "gpu_hours"             # device-hours spent (GPU fraction x wall hours; 0 on CPU)
 TRAIN_HOURS = "train_hours"         # wall-clock hours the trial trained
 REUSED_PROPOSALS = "reused_proposals"   # the sweep run: proposals answered from recorded results
-# The sweep run's params `estimate.*` (orchestration.estimate.Estimate.params): the cost estimated at its start.
+# The sweep run's params `estimate.*` (orchestration.cost.estimate.Estimate.params): the cost estimated at its start.
 ESTIMATE_PREFIX = "estimate."
 
 
 # ------------------------------------------------------- a trial's report
-# Keys of the dict a trial reports after each epoch (`orchestration.trainable`), besides the trainer's
+# Keys of the dict a trial reports after each epoch (`orchestration.run.trainable`), besides the trainer's
 # metrics; read by the searcher, the schedulers, the MLflow logger, the progress lines and the final stage.
 EPOCH = "epoch"                     # epochs finished (Tune's time attribute for ASHA)
 TEST_MAP_AT_BEST = "test_map_at_best"
@@ -227,5 +232,7 @@ def first_line(err: BaseException | str, *, last: bool = False) -> str:
 
 
 def safe_name(name: str) -> str:
-    """A file-name-safe form of a sweep name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "sweep"
+    """A file-name-safe form of a sweep name, the name itself where it is one. Other names get a short hash
+    of themselves, so that two names never share a file (`a/b` and `a_b` would both be `a_b`)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "sweep"
+    return safe if safe == name else f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"

@@ -15,7 +15,7 @@ With an older driver, or none, `torch.cuda.is_available()` is False and
 nothing else fails: a trial given a GPU would train ResNet-50 at 448 px on a
 few CPUs, hundreds of times slower, saying so only in a log line. So a trial
 that asked for a GPU and finds no CUDA device fails at once with `problem()`'s
-line (orchestration/trainable.py), and the GPU nodes of the cluster files run
+line (orchestration/run/trainable.py), and the GPU nodes of the cluster files run
 this module in their set-up, which fails the set-up loudly: Ray's autoscaler
 then terminates the node and, while trials still wait, starts another one.
 """

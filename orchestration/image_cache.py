@@ -20,13 +20,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from wsml.config import TrainConfig
-from wsml.data.compact import CompactPlan, ShardResult, ShardSpec, build_shard, missing_shards
+from wsml.data.compact import CompactPlan, DiskFull, ShardResult, ShardSpec, build_shard, disk_full, missing_shards
 from wsml.errors import DataError, WSMLError
+from wsml.logs import show_on_console
 from wsml.progress import Progress
 
-from orchestration import cluster, preflight
+from orchestration.cluster import connect as cluster
+from orchestration.run import preflight
 from orchestration.common import first_line
 
 BuildFn = Callable[[ShardSpec], ShardResult]
@@ -82,9 +85,13 @@ def build_shards(plans: Sequence[CompactPlan], *, build: BuildFn = build_shard, 
             try:
                 result, node = ray.get(done[0])
             except Exception as err:  # noqa: BLE001 - the task's own error, or Ray's after the retries
+                cause = getattr(err, "cause", err)     # a RayTaskError holds the task's exception
+                if isinstance(cause, DiskFull):        # the space for every shard not built yet
+                    unbuilt = sum(s.stop - s.start for s in (spec, *pending.values()))
+                    raise disk_full(Path(spec.entry), spec.size, unbuilt) from None
                 lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-                raise DataError(f"building shard {spec.index} of {spec.entry} failed: "
-                                f"{lines[-1] if lines else type(err).__name__}") from None
+                why = str(cause) if isinstance(cause, WSMLError) else lines[-1] if lines else type(err).__name__
+                raise DataError(f"building shard {spec.index} of {spec.entry} failed: {why}") from None
             if result.built:
                 report.built += 1
                 report.images += result.images
@@ -115,6 +122,7 @@ def _build_on_node(build: BuildFn, spec: ShardSpec) -> tuple[ShardResult, str]:
 
 # ----------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
+    show_on_console("orchestration")
     p = argparse.ArgumentParser(prog="python orchestration/image_cache.py", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-root", help="the prepared data set (default data/<dataset>)")

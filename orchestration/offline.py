@@ -33,13 +33,13 @@ from pathlib import Path
 
 from wsml.config import TrainConfig
 from wsml.errors import WSMLError
+from wsml.logs import show_on_console
 
-from orchestration import preflight, record
+from orchestration.run import preflight, record
 from orchestration import trial as trial_config
-from orchestration.common import SweepError, first_line
-from orchestration.space import SweepSpace, load_space, space_from_dict, with_overrides
+from orchestration.common import ROOT, SweepError, first_line
+from orchestration.search.space import SweepSpace, load_space, space_from_dict, with_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def shared() -> Path:
@@ -153,6 +153,7 @@ def fetch(n: Needs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    show_on_console("orchestration")
     p = argparse.ArgumentParser(prog="python -m orchestration.offline", description=__doc__.split("\n\n")[0],
                                 epilog="The sweep's arguments: orchestration/sweep.py --help (--dataset, --space, "
                                        "--data-root, --gpus-per-trial, --resume, ...).")

@@ -6,7 +6,7 @@
     python orchestration/sweep.py --dataset digits --name N --resume   # continue an interrupted sweep
 
 A sweep runs in four steps: every input is checked before anything is created
-(`orchestration/plan.py`); then (`orchestration/runner.py`) Ray, the sweep's MLflow run and the sweep record are set up; the
+(`orchestration/search/plan.py`); then (`orchestration/run/runner.py`) Ray, the sweep's MLflow run and the sweep record are set up; the
 search runs (seeded Optuna TPE over `search_spaces/<dataset>.yaml`, the
 paper's default configurations first, ASHA stopping weak trials on validation
 mAP with the epoch as time; every trial one `wsml.train.run` that checkpoints
@@ -30,11 +30,13 @@ from typing import NoReturn
 
 from wsml.config import DATASETS, SCHEMES, TrainConfig
 from wsml.errors import WSMLError
+from wsml.logs import show_on_console, show_on_stderr
 
-from orchestration import cluster, disk, throughput
+from orchestration.cluster import connect as cluster
+from orchestration.cost import disk, throughput
 from orchestration.common import SweepError, first_line
-from orchestration.plan import Plan, estimate_for, plan
-from orchestration.runner import STOP, run_sweep
+from orchestration.search.plan import Plan, estimate_for, plan
+from orchestration.run.runner import STOP, run_sweep
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line instead of usage + error
@@ -57,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space file's num_samples)")
     p.add_argument("--max-concurrent", type=int,
                    help="trials proposed and pending at once, so an autoscaler starts every node they need "
-                        "together (default: the space file's max_concurrent, else num_samples)")
+                        "together (default: the space file's max_concurrent, else the trials the cluster can run at once, "
+                        "counting the workers its autoscaler may start)")
     p.add_argument("--epochs", type=int, help="epochs per trial, ASHA's max_t (default: the space file's)")
     p.add_argument("--name", help="sweep name: Ray experiment folder and MLflow experiment "
                                   "(default <dataset>-<YYYYmmdd-HHMMSS>; with --resume: the latest sweep of the data set)")
@@ -129,6 +132,8 @@ def dry_run(sweep: Plan) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_on_console("orchestration")     # the library modules' notes, progress and summary
+    show_on_stderr()                     # and wsml's (data and cache lines)
     try:
         args = parse_args(argv)
         sweep = plan(args, ["orchestration/sweep.py", *argv])

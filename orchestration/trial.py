@@ -2,8 +2,9 @@
 
 A Tune trial's config dict holds
 
-* the searched values at top level (`scheme`, `mode`, `delta_rel`, `lr`), as
-  Optuna proposes them (a search trial);
+* the searched values at top level (`scheme`, `mode`, `delta_rel`, `lr`, a
+  method's own hyper-parameters such as `em_alpha`), as Optuna proposes them
+  (a search trial);
 * the sweep's constants at top level (`dataset`, `epochs`, `seed`, `device`,
   `data_root`), `wsml_sweep` (the sweep's name) and `wsml_data` (the identity of
   the data the driver planned the sweep on, `wsml.data.loading.data_id`, which
@@ -16,7 +17,8 @@ A Tune trial's config dict holds
 TrainConfig fields (`point` over the searched values over `train` over the
 constants) without what does not apply to the trial's scheme (`applies`:
 `delta_rel` means something only to the large-loss schemes), its data's
-identity and whether it is a final rerun. Everything downstream reads a trial
+identity and whether it is a final rerun (the scheme registry, wsml/schemes.py,
+says which hyper-parameter belongs to which scheme). Everything downstream reads a trial
 through it: the trainable (`train_config`), the MLflow logger (`params`,
 `point`), warm start (`params`), the final stage (`point`, `final_point`), the
 trial folders (`dirname`) and the benchmarks.
@@ -26,16 +28,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from wsml.config import LL_SCHEMES, OPTIMIZERS, TrainConfig
+from wsml import schemes
+from wsml.config import OPTIMIZERS, TrainConfig
 
 from orchestration.common import PARAM_DATA, method_name, redact
 
-# Values a sweep may search (the order in which they are shown).
-SEARCHED = ("scheme", "mode", "optimizer", "delta_rel", "lr", "linear_init_lr", "boostlu_alpha")
+# Values a sweep may search (the order in which they are shown): then every method's own hyper-parameters
+# (the registry's, wsml/schemes.py; a space file's `search.scheme_params`).
+METHOD_PARAMS = tuple(n for n in schemes.hyper_names() if n != "delta_rel")
+SEARCHED = ("scheme", "mode", "optimizer", "delta_rel", "lr", "linear_init_lr", "boostlu_alpha", *METHOD_PARAMS)
+# Searched values that are whole numbers (Optuna proposes a list's values as floats)
+_INTEGER = frozenset(n for n in schemes.hyper_names() if schemes.hyper(n).integer)
 # Keys of a trial's config that are not TrainConfig fields.
 DATA_KEY = "wsml_data"
 _META = ("wsml_sweep", "wsml_source_trial", "point", "train", DATA_KEY)
-# Optuna's names of an lr searched with one range per optimizer (orchestration.space): the
+# Optuna's names of an lr searched with one range per optimizer (orchestration.search.space): the
 # proposal carries the value as `lr` too.
 _OPTUNA_ONLY = {f"lr_{o}" for o in OPTIMIZERS}
 # TrainConfig fields not logged as params: machine-specific paths.
@@ -43,9 +50,10 @@ _NOT_PARAMS = ("data_root", "cache_dir")
 
 
 def applies(name: str, scheme: str, mode: str = "end-to-end") -> bool:
-    """Whether the searched value `name` means something to a trial of `scheme` in `mode`."""
-    if name == "delta_rel":
-        return scheme in LL_SCHEMES
+    """Whether the searched value `name` means something to a trial of `scheme` in `mode`: a scheme's
+    hyper-parameter (delta_rel, em_alpha, ...) to that scheme only (the registry)."""
+    if name in schemes.hyper_names():
+        return schemes.applies(name, scheme)
     if name == "linear_init_lr":
         return mode == "linear-init"
     return True
@@ -112,9 +120,10 @@ class Trial:
 
 
 def _applying(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` without the searched values that mean nothing to its scheme and mode."""
+    """`values` without the searched values that mean nothing to its scheme and mode, whole numbers as int."""
     scheme, mode = values.get("scheme", ""), values.get("mode", "end-to-end")
-    return {k: v for k, v in values.items() if k not in SEARCHED or applies(k, scheme, mode)}
+    return {k: int(v) if k in _INTEGER and isinstance(v, float) and v.is_integer() else v
+            for k, v in values.items() if k not in SEARCHED or applies(k, scheme, mode)}
 
 
 @dataclass(frozen=True)
@@ -142,10 +151,12 @@ class Point:
         parts = [self.scheme] + (["LI"] if self.mode != "end-to-end" else [])
         short = {"delta_rel": "d", "lr": "lr", "linear_init_lr": "lr0", "boostlu_alpha": "boostlu"}
         for k, v in self.values.items():
+            # a method's hyper-parameter by its paper's name: em_alpha -> alpha, gr_q2 -> q2
+            name = short.get(k) or (k.split("_", 1)[1] if k in METHOD_PARAMS else k)
             if k == "optimizer":
                 parts += [v] if v != "adam" else []      # Adam is the trainer's default: not named
             else:
-                parts.append(f"{short.get(k, k)}={v:.3g}" if k == "delta_rel" else f"{short.get(k, k)}={v:.2g}")
+                parts.append(f"{name}={v:.3g}" if k == "delta_rel" else f"{name}={v:.2g}")
         if self.final:
             parts.append(f"seed={self.seed}")
         return " ".join(parts)

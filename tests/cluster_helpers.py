@@ -307,18 +307,20 @@ MaxStartups 50:30:100
             time.sleep(0.1)
 
 
-def lend_venv(venv: Path, dest: Path, user: pwd.struct_passwd, workdir: Path) -> str:
+def lend_venv(venv: Path, dest: Path, user: pwd.struct_passwd, workdir: Path, base: Path | None = None,
+              base_env: dict[str, str] | None = None) -> str:
     """Make `dest` (the remote ~/wsml/.venv) a venv the user can run, built from
     the project's installed `venv` without reinstalling anything.
 
     If the user can run the venv's interpreter, `dest` is a symlink to it.
     Otherwise (its base Python lies in a folder only root can enter, such as
-    /root/.pyenv) an overlay venv is made from a system interpreter of the same
-    major.minor version that imports the project venv's site-packages.
+    /root/.pyenv), or when `base` names one, an overlay venv is made from a
+    system interpreter of the same major.minor version (or `base`, run with
+    `base_env`) that imports the project venv's site-packages.
     Returns "symlink" or "overlay"."""
     try:
-        usable = run_as(user, [str(venv / "bin" / "python"), "-c", "import ray"],
-                        timeout=120).returncode == 0
+        usable = base is None and run_as(user, [str(venv / "bin" / "python"), "-c", "import ray"],
+                                         timeout=120).returncode == 0
     except OSError:  # e.g. PermissionError: the interpreter is out of the user's reach
         usable = False
     target = venv
@@ -327,12 +329,13 @@ def lend_venv(venv: Path, dest: Path, user: pwd.struct_passwd, workdir: Path) ->
         cfg = dict(line.split(" = ", 1) for line in (venv / "pyvenv.cfg").read_text().splitlines()
                    if " = " in line)
         major_minor = ".".join(cfg.get("version", cfg.get("version_info", "")).split(".")[:2])
-        base = shutil.which(f"python{major_minor}", path="/usr/local/bin:/usr/bin:/bin")
-        if not base:
+        found = base or shutil.which(f"python{major_minor}", path="/usr/local/bin:/usr/bin:/bin")
+        if not found:
             raise RuntimeError(f"{user.pw_name} cannot run {venv}/bin/python and there is no "
                                f"system python{major_minor} to borrow its packages with")
         target = workdir / "venv"
-        subprocess.run([base, "-m", "venv", "--without-pip", str(target)], check=True)
+        subprocess.run([str(found), "-m", "venv", "--without-pip", str(target)], check=True,
+                       env={**os.environ, **(base_env or {})})
         site = f"lib/python{major_minor}/site-packages"
         (target / site / "_wsml_borrowed.pth").write_text(
             f"import site; site.addsitedir({str(venv / site)!r})\n")
@@ -353,7 +356,7 @@ def lend_venv(venv: Path, dest: Path, user: pwd.struct_passwd, workdir: Path) ->
                 else hashlib.sha256((REPO / "requirements.txt").read_bytes()).hexdigest() + "\n")
         (target / ".requirements.sha").write_text(want)
         how = "overlay"
-        check = run_as(user, [str(target / "bin" / "python"), "-c", "import ray"], timeout=120)
+        check = run_as(user, [str(target / "bin" / "python"), "-c", "import ray"], timeout=120, env=base_env or {})
         if check.returncode != 0:
             raise RuntimeError(f"overlay venv does not import ray: {check.stderr[-2000:]}")
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -90,3 +90,12 @@ def with_bad(images, tmp_path):
     text.write_text("not an image\n")
     paths[4], paths[9] = str(truncated), str(text)
     return paths
+
+
+@pytest.fixture(autouse=True)
+def console_lines():
+    """orchestration's library modules log; its command lines show those lines on the console
+    (`wsml.logs.show_on_console`). Tests that call the modules directly see them as a command line would."""
+    from wsml.logs import show_on_console
+
+    show_on_console("orchestration")

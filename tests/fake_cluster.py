@@ -73,8 +73,10 @@ class FakeAutoscalingCluster:
         self.watch_file = self.tmp / "watch.jsonl"
 
     def client_env(self) -> dict[str, str]:
-        """What a process needs to join: the cluster's token."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        """What a process on the head needs to join: the cluster's token, and the autoscaling config (where a
+        `ray up` head has it in ~/ray_bootstrap_config.yaml)."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                "WSML_AUTOSCALING_CONFIG": str(self.tmp / "autoscaling.json")}
 
     def start(self, timeout: float = 180) -> "FakeAutoscalingCluster":
         cfg = self.tmp / "autoscaling.json"
@@ -214,7 +216,7 @@ def watch(address: str, out: Path, interval: float = 0.3) -> None:
             continue
         demand = status.cluster_resource_state
         # GPU bundles asked for: Tune's placement groups and tasks, and the sweep's own resource request
-        # (orchestration.cluster.wait_for_gpus) made before Tune starts on a cluster without GPU nodes
+        # (orchestration.cluster.connect.wait_for_gpus) made before Tune starts on a cluster without GPU nodes
         gpus = (sum(int(b.resources_bundle.get("GPU", 0) > 0)
                     for g in demand.pending_gang_resource_requests for b in g.requests)
                 + sum(r.count for r in demand.pending_resource_requests

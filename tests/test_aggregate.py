@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestration import aggregate as A  # noqa: E402
 from orchestration import common as T  # noqa: E402
-from orchestration import paper  # noqa: E402
+from orchestration.report import paper
 from orchestration.common import AggregateError  # noqa: E402
 from tests.synthetic_runs import RunSpec, curve, final_specs, write_sweep  # noqa: E402
 
@@ -307,7 +307,7 @@ def test_boostlu_rows_and_table(tmp_path):
     assert table["LL-R + BoostLU"][digits] == expected_cell(np.array(boosted), None)
     assert table["LL-R + BoostLU"][voc] == expected_cell(None, 89.29)              # the BoostLU paper
     assert table["AN"][digits] == expected_cell(np.array([41.0, 42.0]), None)
-    assert table["EM"][voc] == expected_cell(None, 89.09)                            # not implemented here
+    assert table["EM"][voc] == expected_cell(None, 89.09)                            # no EM runs here
     rows = {(r["method"], r["dataset"]): r for r in read_csv(tmp_path / "out" / "boostlu.csv")}
     assert float(rows[("LL-R + BoostLU", "pascal")]["paper"]) == 89.29
     assert (tmp_path / "out" / "boostlu.tex").read_text().count("BoostLU") >= 3

@@ -85,7 +85,7 @@ def test_meta_json_of_earlier_versions_with_an_absolute_image_root_still_reads(t
 def test_the_autoscalers_launch_failures_are_said_with_the_clouds_reason():
     from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest, NodeInfo
 
-    from orchestration.cluster import describe_launches
+    from orchestration.cluster.connect import describe_launches
 
     quota = ("An error occurred (VcpuLimitExceeded) when calling the RunInstances operation: You have requested "
              "more vCPU capacity than your current vCPU limit of 0 allows")
@@ -114,7 +114,7 @@ def test_the_gpu_wait_stops_once_nodes_keep_failing_their_set_up(monkeypatch, ca
     import ray.autoscaler.sdk
     from ray.autoscaler.v2.schema import ClusterStatus
 
-    from orchestration import cluster
+    from orchestration.cluster import connect as cluster
     from orchestration.common import SweepError
 
     seen = {"polls": 0, "requests": []}
@@ -143,7 +143,7 @@ def test_failed_set_ups_during_the_sweep_stop_it_resumably_after_three_in_a_row(
 
     from ray.autoscaler.v2.schema import ClusterStatus, NodeInfo
 
-    from orchestration import cluster
+    from orchestration.cluster import connect as cluster
 
     running = [NodeInfo("g5.2xlarge", "gpu_1x", "i-a", "10.0.0.1", "RUNNING", node_id="n-a")]
     joined = [*running, NodeInfo("g5.2xlarge", "gpu_1x", "i-b", "10.0.0.2", "RUNNING", node_id="n-b")]
@@ -173,7 +173,7 @@ def test_with_every_gpu_type_refused_the_wait_stops_with_the_reason(monkeypatch,
     import ray.autoscaler.sdk
     from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest
 
-    from orchestration import cluster
+    from orchestration.cluster import connect as cluster
 
     requests = []
     monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: requests.append(bundles))
@@ -302,7 +302,7 @@ def test_dry_run_prints_dollars_and_what_they_assume(tmp_path, capsys):
     hours from the estimate's GPU-hours and wall time, and the sources of prices and assumptions."""
     import re
 
-    from orchestration import prices
+    from orchestration.cost import prices
     from tests.helpers import sweep_in_process
 
     r = sweep_in_process(["--dataset", "cub", "--dry-run", "--gpus", "4"], tmp_path, capsys)
@@ -338,7 +338,8 @@ def test_the_mlflow_store_and_its_artifacts_survive_the_heads_disk(tmp_path, ray
     it is and after a copy to a laptop, and `--resume` puts it back instead of starting an empty store."""
     from mlflow import MlflowClient
 
-    from orchestration import preflight, store_copy
+    from orchestration.run import preflight
+    from orchestration.tracking import store_copy
     from orchestration.common import SweepError
     from tests.helpers import mlflow_runs, run_cli, write_space
 
@@ -391,7 +392,7 @@ def test_the_mlflow_store_and_its_artifacts_survive_the_heads_disk(tmp_path, ray
 def test_a_failed_drain_at_a_spot_notice_is_tried_again_until_the_announced_time(tmp_path, monkeypatch):
     import datetime as dt
 
-    from orchestration import spot_watch
+    from orchestration.cluster import spot_watch
 
     at = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=120)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -465,7 +466,7 @@ def test_a_run_resumed_within_an_epoch_ends_as_one_never_stopped(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_the_spot_notice_checkpoints_the_trials_on_its_node_before_the_drain(tmp_path, monkeypatch):
-    """A trial trains (orchestration.trainable, outside Tune); EC2's notice comes: the watcher has the trial save
+    """A trial trains (orchestration.run.trainable, outside Tune); EC2's notice comes: the watcher has the trial save
     within its epoch and drains only once it has; the trial's next attempt resumes there and ends as a trial
     never interrupted."""
     import datetime as dt
@@ -474,13 +475,14 @@ def test_the_spot_notice_checkpoints_the_trials_on_its_node_before_the_drain(tmp
     import ray
     from ray import tune
 
-    from orchestration import spot_watch, trainable
+    from orchestration.cluster import spot_watch
+    from orchestration.run import trainable
 
     monkeypatch.setenv(spot_watch.NOTICE_DIR_ENV, str(tmp_path / "spot"))
     monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"get_node_id": lambda self: "n1"})())
     import time
 
-    from wsml.train import Trainer
+    from wsml.trainer import Trainer
 
     reports = []
 

@@ -141,7 +141,8 @@ def test_address_that_is_not_a_ray_cluster(tmp_path, monkeypatch, capsys):
 def test_local_ray_starts_without_a_dashboard(monkeypatch):
     import ray
 
-    from orchestration import cluster, private
+    from orchestration.cluster import connect as cluster
+    from orchestration.run import private
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -195,7 +196,7 @@ def test_every_torch_load_is_weights_only():
     # and nothing else unpickles, but the per-scheme searcher restoring its own state on --resume: it lies in
     # the sweep's Ray folder beside Tune's tuner.pkl and searcher state, which Tune unpickles there anyway
     unpickling = _calls(lambda owner, name: owner in ("pickle", "cloudpickle", "dill") and name in ("load", "loads"))
-    assert [p.relative_to(ROOT).as_posix() for p, _ in unpickling] == ["orchestration/per_scheme.py"]
+    assert [p.relative_to(ROOT).as_posix() for p, _ in unpickling] == ["orchestration/search/per_scheme.py"]
     for path, call in _calls(lambda owner, name: owner == "np" and name == "load"):
         kw = {k.arg: k.value for k in call.keywords}
         assert "allow_pickle" not in kw or kw["allow_pickle"].value is False, f"{path}:{call.lineno}"
@@ -252,12 +253,12 @@ def test_weight_files_with_a_pickled_object_are_refused(tmp_path):
 
 
 def test_yaml_is_read_safely(tmp_path):
-    from orchestration.space import SpaceError, load_space
+    from orchestration.search.space import SpaceError, load_space
 
     unsafe = {"load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all"}
     import yaml
 
-    from orchestration import space as space_module
+    from orchestration.search import space as space_module
 
     for path, call in _calls(lambda owner, name: owner == "yaml"):
         loader = {k.arg: k.value for k in call.keywords}.get("Loader")
@@ -299,10 +300,12 @@ def test_sweep_params_and_errors_carry_no_credentials(tmp_path, monkeypatch, cap
     ::test_mlflow_server_down_mid_sweep_loses_nothing.)"""
     from mlflow import MlflowClient
 
-    from orchestration import runner, store, sweep
+    from orchestration.run import runner
+    from orchestration.tracking import store
+    from orchestration import sweep
     from orchestration.common import redact
-    from orchestration.plan import Plan
-    from orchestration.space import load_space
+    from orchestration.search.plan import Plan
+    from orchestration.search.space import load_space
 
     argv = ["orchestration/sweep.py", "--dataset", "digits", "--mlflow-uri", "http://alice:pw123@h:5000",
             "--storage", "s3://bucket/r?secret_key=pw123"]

@@ -2,6 +2,7 @@
 under concurrency, rebuilt when its inputs change, never used half-built, clear errors on bad files."""
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import time
@@ -13,6 +14,7 @@ from PIL import Image
 from tests.helpers import write_image
 from wsml.data.cache import cached_array, load_image_cache
 from wsml.errors import DataError
+from wsml.logs import show_on_stderr
 
 SIZE = 32
 # Spawned children import this module to find their target: keep torch out of module scope.
@@ -45,13 +47,21 @@ def test_cache_gives_the_published_pixels(images, tmp_path, workers):
         cache.array[0, 0, 0, 0] = 1
 
 
-def _built(capfd):
-    """Whether a cache was built since the last check (the builder announces itself on stderr)."""
-    return any(line.startswith("building ") for line in capfd.readouterr().err.splitlines())
+@pytest.fixture(autouse=True)
+def _cache_log(caplog):
+    caplog.set_level(logging.INFO, logger="wsml.data.cache")
+
+
+def _built(caplog):
+    """Whether a cache was built since the last check (the builder announces itself in the log)."""
+    built = any(message.startswith("building ") for message in caplog.messages)
+    caplog.clear()
+    return built
 
 
 def _load_images_in_child(paths, size, root, log, barrier):
     with open(log, "w") as f, contextlib.redirect_stderr(f):
+        show_on_stderr()        # as a command line shows the log
         barrier.wait()
         load_image_cache(paths, size, root, workers=1)
 
@@ -83,7 +93,7 @@ def test_concurrent_callers_build_once(tmp_path):
     assert sums == [3000.0, 3000.0]
 
 
-def test_two_processes_build_the_image_cache_once(images, tmp_path, capfd):
+def test_two_processes_build_the_image_cache_once(images, tmp_path, caplog):
     root = tmp_path / "cache"
     barrier = SPAWN.Barrier(2)
     logs = [tmp_path / f"child{i}.log" for i in range(2)]
@@ -96,30 +106,30 @@ def test_two_processes_build_the_image_cache_once(images, tmp_path, capfd):
     lines = [line for log in logs for line in log.read_text().splitlines()]
     assert sum(line.startswith("building ") for line in lines) == 1
     cache = load_image_cache(images, SIZE, root, workers=1)
-    assert not _built(capfd)
+    assert not _built(caplog)
     _assert_matches_direct(cache.array, images, SIZE)
 
 
-def test_rebuilt_when_an_image_or_the_size_changes(images, tmp_path, capfd):
+def test_rebuilt_when_an_image_or_the_size_changes(images, tmp_path, caplog):
     root = tmp_path / "cache"
     before = np.array(load_image_cache(images, SIZE, root, workers=1).array)
-    capfd.readouterr()
+    caplog.clear()
 
     old = os.stat(images[3])
     write_image(images[3], np.random.default_rng(99), 40, 30, "RGB")
     os.utime(images[3], ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
     after = load_image_cache(images, SIZE, root, workers=1).array
-    assert _built(capfd)
+    assert _built(caplog)
     assert not np.array_equal(after[3], before[3])
     _assert_matches_direct(after, images, SIZE)
 
     now = os.stat(images[5])  # same bytes, new mtime: rebuilt too (the key cannot tell a touch from an edit)
     os.utime(images[5], ns=(now.st_atime_ns, now.st_mtime_ns + 10**9))
     load_image_cache(images, SIZE, root, workers=1)
-    assert _built(capfd)
+    assert _built(caplog)
 
     load_image_cache(images, SIZE, root, workers=1)
-    assert not _built(capfd)
+    assert not _built(caplog)
 
     bigger = load_image_cache(images, 24, root, workers=1).array
     assert bigger.shape == (len(images), 24, 24, 3)
@@ -129,7 +139,7 @@ def test_rebuilt_when_an_image_or_the_size_changes(images, tmp_path, capfd):
     _assert_matches_direct(reordered, images[::-1], SIZE)
 
 
-def test_leftover_temp_directory_is_never_used(images, tmp_path, capfd):
+def test_leftover_temp_directory_is_never_used(images, tmp_path, caplog):
     root = tmp_path / "cache"
     load_image_cache(images, SIZE, root, workers=1)
     (entry,) = [d for d in root.iterdir() if d.is_dir()]
@@ -140,10 +150,10 @@ def test_leftover_temp_directory_is_never_used(images, tmp_path, capfd):
     arr[:] = 255
     arr.flush()
     del arr
-    capfd.readouterr()
+    caplog.clear()
 
     cache = load_image_cache(images, SIZE, root, workers=1)
-    assert _built(capfd)
+    assert _built(caplog)
     _assert_matches_direct(cache.array, images, SIZE)
     assert not dead.exists()
 
@@ -221,19 +231,20 @@ def test_bad_images_raise_naming_the_file(with_bad, tmp_path):
     assert "1 more" in msg and "--skip-bad-images" in msg
 
 
-def test_skip_bad_records_and_reports(with_bad, tmp_path, capfd):
+def test_skip_bad_records_and_reports(with_bad, tmp_path, caplog):
     root = tmp_path / "cache"
     cache = load_image_cache(with_bad, SIZE, root, skip_bad=True, workers=2)
     assert cache.bad.tolist() == [4, 9]
     assert not cache.array[4].any() and not cache.array[9].any()
     _assert_matches_direct(cache.array, with_bad, SIZE, skip={4, 9})
-    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning")]
+    warnings = [message for message in caplog.messages if message.startswith("warning")]
     assert len(warnings) == 1 and "skipped 2 unreadable" in warnings[0]
+    caplog.clear()
 
     # The cache built with skip_bad is reused, but without it the bad files are still an error.
     with pytest.raises(DataError, match="notes.jpg|truncated.jpg"):
         load_image_cache(with_bad, SIZE, root, workers=1)
-    assert not _built(capfd)
+    assert not _built(caplog)
 
 
 def test_missing_or_no_images(images, tmp_path):

@@ -263,7 +263,7 @@ def test_on_demand_gpus_first_then_spot(aws):
         assert on_demand["priority"] > w["priority"], "the autoscaler takes on-demand first, spot for the rest"
         assert w["max_workers"] > on_demand["max_workers"]
     starts = " ".join(aws["worker_start_ray_commands"])
-    assert "orchestration.spot_watch --address=$RAY_HEAD_IP:6379" in starts and "flock -n" in starts
+    assert "orchestration.cluster.spot_watch --address=$RAY_HEAD_IP:6379" in starts and "flock -n" in starts
 
 
 def _trial_resources(node_type: dict) -> dict:
@@ -272,7 +272,7 @@ def _trial_resources(node_type: dict) -> dict:
 
 def test_every_gpu_type_can_be_asked_for_by_name(aws):
     """The sweep falls back from a type EC2 refuses to the next by asking for the next type's own resource."""
-    from orchestration.cluster import TYPE_RESOURCE, gpu_node_types
+    from orchestration.cluster.connect import TYPE_RESOURCE, gpu_node_types
 
     types = gpu_node_types(aws)
     assert [t.name for t in types][-1] == "gpu_1x_spot" and all(t.marked for t in types)

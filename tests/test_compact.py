@@ -1,6 +1,7 @@
 """The compact image cache: JPEG shards of the raw cache's pixels, built shard by shard, atomically and
 once, rebuilt where a file changed, read back in DataLoader workers (and on the GPU where there is one)."""
 
+import logging
 import multiprocessing
 import os
 import pickle
@@ -14,7 +15,8 @@ from bench.loader import make_photos
 from tests.helpers import write_image
 from wsml.data import compact
 from wsml.data.cache import load_image_cache
-from wsml.data.compact import build_shard, load_compact_cache, missing_shards, plan
+from wsml.data.compact import build_shard, missing_shards, plan
+from wsml.data.compact_images import load_compact_cache
 from wsml.errors import DataError
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -59,13 +61,15 @@ def test_reads_like_an_array_and_pickles_without_its_data(images, tmp_path):
     import torch
     from torchvision.io import decode_jpeg
 
-    data, lengths = arr.encoded(np.array([4, 9]))
+    data, lengths, shards = arr.encoded(np.array([4, 9]))
+    assert shards == (str(arr.entry / compact.shard_name(0)), str(arr.entry / compact.shard_name(1)))
     first, second = torch.split(data, lengths.tolist())
     np.testing.assert_array_equal(decode_jpeg(second).permute(1, 2, 0).numpy(), all_rows[9])
     assert len(first) == lengths[0] > 0
 
 
-def test_shards_are_built_once_and_rebuilt_only_where_a_file_changed(images, tmp_path, capfd):
+def test_shards_are_built_once_and_rebuilt_only_where_a_file_changed(images, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="wsml.data.compact")
     root = tmp_path / "cache"
     p = plan(images, 32, root, shard_images=10)
     assert [(s.start, s.stop) for s in p.shards] == [(0, 10), (10, 20), (20, 30), (30, 36)]
@@ -75,14 +79,14 @@ def test_shards_are_built_once_and_rebuilt_only_where_a_file_changed(images, tmp
     assert missing_shards(p) == []
     assert [r.built for r in (build_shard(s) for s in p.shards)] == [False] * 4   # idempotent
     before = load_compact_cache(images, 32, root, workers=1, shard_images=10).array[np.arange(36)]
-    assert "building" not in capfd.readouterr().err
+    assert "building" not in caplog.text
 
     old = os.stat(images[13])
     write_image(images[13], np.random.default_rng(7), 40, 30, "RGB")
     os.utime(images[13], ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
     assert [s.index for s in missing_shards(plan(images, 32, root, shard_images=10))] == [1]
     after = load_compact_cache(images, 32, root, workers=1, shard_images=10).array[np.arange(36)]
-    assert "building 1 of 4 shards" in capfd.readouterr().err
+    assert "building 1 of 4 shards" in caplog.text
     assert psnr(after[13:14], before[13:14])[0] < 20          # the new picture
     np.testing.assert_array_equal(np.delete(after, 13, 0), np.delete(before, 13, 0))
 
@@ -168,7 +172,7 @@ def with_bad_and_gone(with_bad, tmp_path):
     return with_bad[:20] + [str(tmp_path / "gone.jpg")] + with_bad[21:]
 
 
-def test_unreadable_images_as_in_the_raw_cache(with_bad_and_gone, tmp_path, capfd):
+def test_unreadable_images_as_in_the_raw_cache(with_bad_and_gone, tmp_path, caplog):
     bad = with_bad_and_gone
     with pytest.raises(DataError) as err:
         load_compact_cache(bad, 32, tmp_path / "cache", workers=2, shard_images=8)
@@ -178,7 +182,7 @@ def test_unreadable_images_as_in_the_raw_cache(with_bad_and_gone, tmp_path, capf
     assert cache.bad.tolist() == [4, 9, 20]
     rows = cache.array[np.arange(36)]
     assert not rows[[4, 9, 20]].any() and rows[[3, 5]].any(axis=(1, 2, 3)).all()
-    warnings = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("warning")]
+    warnings = [m for m in caplog.messages if m.startswith("warning")]
     assert len(warnings) == 1 and "skipped 3 unreadable" in warnings[0]
     with pytest.raises(DataError, match="image list is empty"):
         load_compact_cache([], 32, tmp_path / "cache")
@@ -205,7 +209,7 @@ def test_auto_picks_raw_for_small_sets_and_compact_above_the_threshold():
 def test_gpu_decoding_matches_the_cpu(images, tmp_path):
     import torch
 
-    from wsml.data.compact import GpuDecoder
+    from wsml.data.compact_images import GpuDecoder
 
     photos = make_photos(tmp_path / "photos", 6)
     paths = photos + images[:10]
@@ -242,7 +246,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import decode_jpeg
-from wsml.data.compact import load_compact_cache
+from wsml.data.compact_images import load_compact_cache
 
 def anon_mb():   # this process's own resident memory (not the file-backed pages of the mapped shards)
     return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) / 1024
@@ -301,8 +305,8 @@ def test_twenty_thousand_images_with_bounded_memory(tmp_path):
 
 
 def test_image_cache_key_in_a_space_file_reaches_the_trial(tmp_path):
-    from orchestration.space import load_space
-    from orchestration.space_checks import TRAIN_KEYS
+    from orchestration.search.space import load_space
+    from orchestration.search.space_checks import TRAIN_KEYS
     from orchestration.trial import Trial
 
     assert "image_cache" in TRAIN_KEYS and "image_decode" in TRAIN_KEYS

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _trainer(graph: bool, scheme: str, lr: float, optimizer: str = "adam", boostlu_alpha: float | None = None):
     from wsml.config import TrainConfig
     from wsml.data.loading import load_data
-    from wsml.train import Trainer
+    from wsml.trainer import Trainer
 
     torch.backends.cudnn.deterministic = True
     cfg = TrainConfig(dataset="digits", scheme=scheme, delta_rel=5.0, lr=lr, optimizer=optimizer, precision="fp32",
@@ -22,20 +22,25 @@ def _trainer(graph: bool, scheme: str, lr: float, optimizer: str = "adam", boost
 
 @pytest.mark.parametrize("scheme,optimizer,boostlu_alpha", [("LL-R", "adam", None), ("LL-Cp", "adam", None),
                                                           ("LL-R", "sgd", None), ("ROLE", "sgd", None),
-                                                          ("LL-R", "adam", 5.0)])
+                                                          ("LL-R", "adam", 5.0), ("EM", "adam", None),
+                                                          ("EM+APL", "adam", None), ("GR", "adam", None)])
 def test_graph_step_matches_eager_loss_and_gradients(scheme, optimizer, boostlu_alpha):
-    from wsml.train import _GraphedStep
+    from wsml.trainer import _GraphedStep
 
     # lr ~ 0: both start every step from the same weights, so each step's loss and gradients
     # are compared directly (with a real lr, Adam's sign-like first steps amplify rounding)
     eager, graphed = (_trainer(g, scheme, 1e-12, optimizer, boostlu_alpha) for g in (False, True))
     if optimizer == "adam":
         eager.optimizer = torch.optim.Adam(eager.optimizer.param_groups, capturable=True, fused=True)
+    if eager.soft_labels is not None:      # EM+APL: the same pseudo-labels in both, as after an update
+        g = torch.Generator().manual_seed(0)
+        soft = torch.where(torch.rand(eager.soft_labels.shape, generator=g) < 0.3, 0.2, float("nan"))
+        eager.soft_labels, graphed.soft_labels = soft.cuda(), soft.cuda()
     rng = np.random.RandomState(0)
     step = None
     for i in range(8):
         index = torch.as_tensor(rng.choice(256, 32, replace=False), device="cuda")
-        x = eager._to_input(torch.from_numpy(eager.data.train.images[index.cpu().numpy()]))
+        x = eager.to_input(torch.from_numpy(eager.data.train.images[index.cpu().numpy()]))
         loss_e, sel_e, _ = eager._step(x, index, 3)
         step = step or _GraphedStep(graphed, 3, x, index, warmup=True)
         loss_g, sel_g, _ = step(x, index)

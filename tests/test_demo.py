@@ -44,7 +44,7 @@ def _without_rays_worker_exit(err: str) -> str:
 
 def test_demo_space_is_the_papers_point():
     """AN, the baseline the paper improves on, beside the large-loss schemes, each rerun with seeds."""
-    from orchestration.space import load_space
+    from orchestration.search.space import load_space
 
     s = load_space("digits", demo_space_path())
     assert "AN" in s.search.scheme and {"LL-R", "LL-Ct", "LL-Cp"} <= set(s.search.scheme)

@@ -1,11 +1,11 @@
-"""`--dry-run` shows the disk a sweep will use on shared storage and on each node (orchestration/disk.py)."""
+"""`--dry-run` shows the disk a sweep will use on shared storage and on each node (orchestration/cost/disk.py)."""
 from __future__ import annotations
 
 import re
 
 import pytest
 
-from orchestration.disk import COMPACT_BYTES_PER_IMAGE, disk_use, model_sizes
+from orchestration.cost.disk import COMPACT_BYTES_PER_IMAGE, disk_use, model_sizes
 from wsml.config import TrainConfig
 from tests.helpers import sweep_in_process
 

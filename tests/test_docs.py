@@ -146,7 +146,7 @@ FORWARD = {"cluster.slurm.sh": "orchestration/sweep.py",      # arguments after 
 # path (.venv/bin/mlflow), or an #SBATCH line.
 OTHER = re.compile(
     r"(?:^|(?<=[\s`'\"(;&|/]))"
-    r"(?P<tool>ray|mlflow|pip|pytest|sbatch|srun|scancel|squeue|scontrol|rsync|ssh|aws|git|tail|tmux|apt-get|#SBATCH)"
+    r"(?P<tool>ray|mlflow|optuna-dashboard|pip|pytest|sbatch|srun|scancel|squeue|scontrol|rsync|ssh|aws|git|tail|tmux|apt-get|#SBATCH)"
     r"(?=[\s`]|$)")
 OPTION = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 
@@ -226,7 +226,7 @@ def options_of():
 # The project's scripts with options, for options named with no command before them.
 ALL_SCRIPTS = ["orchestration/sweep.py", "wsml.train", "orchestration/aggregate.py", "wsml.data.prepare",
                "wsml.data.download", "orchestration/image_cache.py", "orchestration/ray_nodes.py",
-               "orchestration/spot_watch.py"]
+               "orchestration/cluster/spot_watch.py"]
 
 
 def unknown_options(path: Path, options_of) -> list[str]:

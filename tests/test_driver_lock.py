@@ -1,4 +1,4 @@
-"""One driver per sweep at a time (orchestration.record.DriverLock): a second `--resume` of a running sweep is
+"""One driver per sweep at a time (orchestration.run.record.DriverLock): a second `--resume` of a running sweep is
 refused in one line before anything is touched; a driver that died (kill -9) holds nothing."""
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from orchestration import record
+from orchestration.run import record
 from orchestration.common import SweepError
-from orchestration.space import load_space
+from orchestration.search.space import load_space
 
 HOLD = """
 import sys, time
-from orchestration.record import DriverLock
+from orchestration.run.record import DriverLock
 lock = DriverLock(sys.argv[1], sys.argv[2])
 print("held", flush=True)
 time.sleep(600)
@@ -85,7 +85,7 @@ def test_options_given_with_resume_apply_or_are_refused_by_name(tmp_path, monkey
     """Issue 30, finding 9: --epochs, --num-samples, --schemes, --space, --max-failures given with --resume were
     ignored without a word. The same values pass; other values are refused in one line naming the option."""
     from orchestration import sweep
-    from orchestration.space import with_overrides
+    from orchestration.search.space import with_overrides
     from tests.helpers import ROOT
 
     started = with_overrides(load_space("digits"), epochs=4)
@@ -99,7 +99,7 @@ def test_options_given_with_resume_apply_or_are_refused_by_name(tmp_path, monkey
     capsys.readouterr()
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr("ray.tune.Tuner.can_restore", lambda path: True)
-    monkeypatch.setattr("orchestration.runner.run_sweep", lambda plan: 0)      # the plan is what is checked
+    monkeypatch.setattr("orchestration.run.runner.run_sweep", lambda plan: 0)      # the plan is what is checked
     monkeypatch.setattr("orchestration.sweep.run_sweep", lambda plan: 0)
     rc = sweep.main(["--dataset", "digits", "--name", "s9", "--resume", "--storage", str(tmp_path / "runs"), *extra])
     err = capsys.readouterr().err

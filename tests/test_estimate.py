@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from orchestration import estimate, per_scheme, throughput
+from orchestration.cost import estimate, throughput
+from orchestration.search import per_scheme
 from orchestration.common import SweepError
-from orchestration.space import load_space
+from orchestration.search.space import load_space
 from tests.helpers import ROOT, run_cli, sweep_in_process, write_space
 
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))

@@ -216,11 +216,13 @@ def test_diverging_trial_fails_alone_and_is_not_retried(tmp_path, ray_address):
     from mlflow import MlflowClient
     from ray import tune
 
-    from orchestration import cluster, store, tuner
+    from orchestration.cluster import connect as cluster
+    from orchestration.tracking import store
+    from orchestration.run import tuner
     from orchestration import common as T
-    from orchestration.mlflow_callback import MLflowTrialLogger
-    from orchestration.space import load_space
-    from orchestration.trainable import train_trial
+    from orchestration.tracking.mlflow_callback import MLflowTrialLogger
+    from orchestration.search.space import load_space
+    from orchestration.run.trainable import train_trial
 
     space = load_space("digits", write_space(tmp_path / "space.yaml", num_samples=1, epochs=3, grace=3, schemes="[LL-R]",
                                              max_failures=2))
@@ -315,14 +317,15 @@ def test_callback_buffers_while_the_store_is_down(tmp_path, capfd):
     from mlflow import MlflowClient
 
     from orchestration import common as T
-    from orchestration import store
-    from orchestration.mlflow_callback import MLflowTrialLogger
+    from orchestration.tracking import store
+    from orchestration.tracking.mlflow_callback import MLflowTrialLogger
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     real = MlflowClient(uri)
     exp, parent = store.start_parent(real, "flaky", "digits", {"command": "x"}, resume=False)
     cb = MLflowTrialLogger(uri, exp, parent, "flaky", "digits", T.ROLE_TRIAL, epochs=3)
     cb.outbox.RETRY_FIRST_S = 0.0                           # retry at the next call
+    cb.outbox.background = False                            # sent in this thread: each step checked at once
     flaky = cb._client = _FlakyClient(real)
     a, b = _Trial("a", 1), _Trial("b", 2)
     cb.log_trial_start(a)                                   # a's run exists before the outage
@@ -393,7 +396,7 @@ def test_callback_buffers_while_the_store_is_down(tmp_path, capfd):
 
 def test_outbox_order_retry_and_refusal_without_tune(capfd):
     """The outbox alone, with calls that fail like a store that is down, then refuse."""
-    from orchestration.outbox import Outbox
+    from orchestration.tracking.outbox import Outbox
 
     class Down(OSError):
         pass

@@ -115,7 +115,7 @@ def _log_trained_trial(uri: str, sweep: str, config: dict, data: str | None) -> 
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from orchestration import store
+    from orchestration.tracking import store
     from orchestration import trial as trial_config
 
     c = MlflowClient(uri)
@@ -135,9 +135,9 @@ def _log_trained_trial(uri: str, sweep: str, config: dict, data: str | None) -> 
 
 
 def test_warm_start_reuses_only_results_trained_on_the_same_data(tmp_path):
-    from orchestration import known
+    from orchestration.search import known
     from orchestration import trial as trial_config
-    from orchestration.space import load_space
+    from orchestration.search.space import load_space
 
     space = load_space("digits", write_space(tmp_path / "space.yaml", num_samples=2, epochs=2, schemes="[LL-R]"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -270,8 +270,8 @@ def test_storage_with_credentials_is_refused_before_anything_is_made(tmp_path, m
 def test_mlflow_credentials_go_to_mlflows_environment_not_into_the_uri(tmp_path, monkeypatch):
     """The URI the sweep keeps (record, pickled callbacks and searcher) has no password; the health check and
     MLflow's client send it from MLflow's own basic-auth variables."""
-    from orchestration import store
-    from orchestration.known import ReuseMarker
+    from orchestration.tracking import store
+    from orchestration.search.known import ReuseMarker
 
     for name in (store.USERNAME_ENV, store.PASSWORD_ENV):
         monkeypatch.delenv(name, raising=False)
@@ -307,7 +307,7 @@ def test_tune_hands_no_cloud_secret_of_the_driver_to_the_trials(monkeypatch):
     """Ray Tune copies AWS_* of the driver's environment into each trainable's runtime env, which Ray logs."""
     from ray.tune.execution import class_cache
 
-    from orchestration import private
+    from orchestration.run import private
 
     monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)   # restored after
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SEC/RET")

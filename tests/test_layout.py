@@ -61,7 +61,7 @@ def test_every_module_imports():
 def test_no_import_cycle():
     modules = _modules()
     graph = {name: _imports(path, name, set(modules)) for name, path in modules.items()}
-    assert graph["orchestration.runner"] >= {"orchestration.plan", "orchestration.tuner"}    # the graph is real
+    assert graph["orchestration.run.runner"] >= {"orchestration.search.plan", "orchestration.run.tuner"}    # the graph is real
     try:
         order = list(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as err:
@@ -81,16 +81,16 @@ def test_the_trainer_never_imports_ray_or_mlflow():
 
 
 def test_private_apis_only_behind_one_module():
-    """Private Ray and MLflow modules are reached from orchestration/private.py alone."""
+    """Private Ray and MLflow modules are reached from orchestration/run/private.py alone."""
     private = re.compile(r"^(ray|mlflow)(\..*)?\._")
     for name, path in _modules().items():
-        if name == "orchestration.private":
+        if name == "orchestration.run.private":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for n in names:
-                assert not private.match(n), f"{name} imports the private {n}: go through orchestration.private"
+                assert not private.match(n), f"{name} imports the private {n}: go through orchestration.run.private"
 
 
 def test_no_reference_to_notes_outside_the_project():
@@ -116,6 +116,24 @@ def test_modules_are_importable_as_installed():
     assert any(m.name == "sweep" for m in pkgutil.iter_modules(orchestration.__path__))
 
 
+def test_orchestration_top_level_holds_entry_scripts_and_the_base():
+    """`orchestration/` is subpackages by job (search, run, tracking, cluster, cost, report); at its top level
+    only the command lines and the base every subpackage imports (`common`, the trial schema `trial`)."""
+    base = {"__init__", "common", "trial"}
+    stray = [p.name for p in (ROOT / "orchestration").glob("*.py")
+             if p.stem not in base and 'if __name__ == "__main__"' not in p.read_text()]
+    assert stray == [], f"library modules at orchestration/'s top level: move them into a subpackage: {stray}"
+    packages = {p.parent.name for p in (ROOT / "orchestration").glob("*/__init__.py")}
+    assert packages == {"search", "run", "tracking", "cluster", "cost", "report"}
+
+
+def test_no_module_over_400_lines():
+    """One job per module: a module past 400 lines has a seam to split along."""
+    files = [p for pkg in ("orchestration", "wsml") for p in (ROOT / pkg).rglob("*.py")]
+    long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
 def _foreign_private_names(cls) -> set[str]:
     """Private attribute names that Ray, MLflow and Optuna classes among `cls`'s bases define or set."""
     import inspect
@@ -134,19 +152,19 @@ def _foreign_private_names(cls) -> set[str]:
 
 
 def test_private_attributes_only_behind_one_module():
-    """Ray's (and MLflow's, Optuna's) private attributes are touched in orchestration/private.py alone:
+    """Ray's (and MLflow's, Optuna's) private attributes are touched in orchestration/run/private.py alone:
     no `obj.__dict__` of another object, and no class of ours that subclasses theirs reads or sets one
     of their private attributes through `self` (as `self._metric = ...` on a TrialScheduler did)."""
     import inspect
 
     for name, path in _modules().items():
-        if name == "orchestration.private":
+        if name == "orchestration.run.private":
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr == "__dict__":
                 assert isinstance(node.value, ast.Name) and node.value.id == "self", \
-                    f"{name}:{node.lineno} reads another object's __dict__: go through orchestration.private"
+                    f"{name}:{node.lineno} reads another object's __dict__: go through orchestration.run.private"
         module = importlib.import_module(name)
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ != name:

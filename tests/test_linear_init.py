@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-import wsml.train
+import wsml.linear_init
 from wsml.config import TrainConfig
 from wsml.data.cache import cached_array
 from wsml.data.loading import load_data
 from wsml.model import weights_id
-from wsml.train import FEATURE_VERSION, SATURATED_LOGIT, SATURATED_SHARE, Trainer, run
+from wsml.linear_init import FEATURE_VERSION, SATURATED_LOGIT, SATURATED_SHARE, linear_init, switch_saturation
+from wsml.train import run
+from wsml.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +51,7 @@ def _train_mode_features(trainer: Trainer) -> torch.Tensor:
     model = copy.deepcopy(trainer.model).train()
     images, bs = trainer.data.train.images, trainer.cfg.batch_size
     with torch.no_grad():
-        return torch.cat([model.features(trainer._to_input(torch.from_numpy(np.ascontiguousarray(images[i:i + bs]))))
+        return torch.cat([model.features(trainer.to_input(torch.from_numpy(np.ascontiguousarray(images[i:i + bs]))))
                           for i in range(0, len(images), bs)])
 
 
@@ -65,7 +67,7 @@ def test_cached_features_match_what_fine_tuning_computes(tmp_path, seed):
     # before the fix: size ratio 124 (seed 0) and 91 (seed 1), centred cosine 0.71 and 0.80, and seed 1's
     # head gave logits up to 22.5 on fine-tuning's features (76 % of them past 10)
     trainer = _trainer(tmp_path, seed=seed)
-    trainer.linear_init()
+    linear_init(trainer)
     [(_, cached)] = _cache_entries(tmp_path, "train")
     cached = torch.from_numpy(cached)
     live = _train_mode_features(trainer)
@@ -79,16 +81,16 @@ def test_cached_features_match_what_fine_tuning_computes(tmp_path, seed):
 
 def test_features_and_model_are_the_same_with_a_cold_or_a_warm_cache(tmp_path):
     cold = _trainer(tmp_path, seed=1)
-    cold.linear_init()
+    linear_init(cold)
     [(_, built)] = _cache_entries(tmp_path, "train")
     warm = _trainer(tmp_path, seed=1)
-    warm.linear_init()
+    linear_init(warm)
     [(_, read)] = _cache_entries(tmp_path, "train")       # no second entry: the warm run read the first
     assert np.array_equal(built, read)
     # the model fine-tuning starts from (estimated statistics included) is the one the cache was built with
     for name, value in cold.model.state_dict().items():
         assert torch.equal(warm.model.state_dict()[name], value), name
-    assert np.array_equal(warm._predict(warm.data.train.images, features=True), read)
+    assert np.array_equal(warm.predict(warm.data.train.images, features=True), read)
 
 
 def test_features_cached_the_old_way_are_never_read(tmp_path):
@@ -101,21 +103,21 @@ def test_features_cached_the_old_way_are_never_read(tmp_path):
         old = {"kind": "features", "images": trainer.data.image_key, "split": split, "n": len(images),
                "backbone": weights_id(cfg.arch, cfg.weights), "seed": cfg.seed}
         cached_array(tmp_path / "features", old, (len(images), dim), np.float32, lambda out: out.fill(5e-3))
-    trainer.linear_init()
+    linear_init(trainer)
     entries = _cache_entries(tmp_path, "train")
     assert len(entries) == 2
     [(key, features)] = [(k, f) for k, f in entries if k.get("version") == FEATURE_VERSION]
     assert key["batchnorm"] == {"train_images": 300, "batch_size": cfg.batch_size}
-    assert np.array_equal(trainer._predict(trainer.data.train.images, features=True), features)
+    assert np.array_equal(trainer.predict(trainer.data.train.images, features=True), features)
 
 
 def test_the_switch_check_sees_the_first_fine_tuning_batch_and_changes_nothing(tmp_path):
     trainer = _trainer(tmp_path, seed=0, hflip=True)    # with flips: the check must flip as the step does
-    trainer.linear_init()
+    linear_init(trainer)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     seen = []
     trainer.model.head.register_forward_hook(lambda _m, _x, out: seen.append(out.detach().clone()))
-    share = trainer._switch_saturation()
+    share = switch_saturation(trainer)
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, before[name]), name     # BatchNorm's statistics put back
     trainer.train_epoch(1)
@@ -125,7 +127,7 @@ def test_the_switch_check_sees_the_first_fine_tuning_batch_and_changes_nothing(t
 
 def test_a_saturated_head_is_reported_in_the_log_and_the_metrics(tmp_path, monkeypatch):
     # the bug itself: features extracted with the statistics never set (seed 1 saturated 76 % of logits)
-    monkeypatch.setattr(wsml.train.Trainer, "_estimate_batchnorm", lambda self: None)
+    monkeypatch.setattr(wsml.linear_init, "estimate_batchnorm", lambda trainer: None)
     lines, reports = [], []
     cfg = TrainConfig(**SMALL, seed=1, epochs=2, stop_drop=None, cache_dir=str(tmp_path))
     result = run(cfg, lambda report, _state: reports.append(report), log=lines.append)

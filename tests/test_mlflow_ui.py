@@ -249,7 +249,7 @@ def test_the_sweep_run_shows_table1_and_the_figures_in_its_artifacts(browser, tm
     store, as `mlflow ui --backend-store-uri sqlite:///mlflow.db` runs it, and the run's Artifacts tab."""
     from PIL import Image
 
-    from orchestration import store
+    from orchestration.tracking import store
     from orchestration.aggregate import aggregate
     from tests.helpers import MlflowServer
 
@@ -307,11 +307,11 @@ def test_the_sweep_run_shows_table1_and_the_figures_in_its_artifacts(browser, tm
 
 
 def test_the_links_a_sweep_prints_open_its_runs_table(mlflow_server, tmp_path):
-    """The experiment as a sweep creates it (orchestration.store.start_parent: tagged model training), its
+    """The experiment as a sweep creates it (orchestration.tracking.store.start_parent: tagged model training), its
     sweep run with a nested trial; the link the sweep prints, in a fresh browser, shows the runs table
     holding the sweep's run, not MLflow 3's GenAI overview. (MLflow 3.17 opens the bare experiment page on
     its GenAI overview whatever the experiment's kind: the link carries workflowType.)"""
-    from orchestration import store
+    from orchestration.tracking import store
 
     c = MlflowClient(tracking_uri=mlflow_server.url)
     exp_id, parent_id = store.start_parent(c, "ui-links", "digits", {"num_samples": "1"}, resume=False)

@@ -40,7 +40,7 @@ def one_line_error(excinfo) -> str:
     return message
 
 
-def test_pascal_spacing_zero_entries_and_warnings(tmp_path, capsys):
+def test_pascal_spacing_zero_entries_and_warnings(tmp_path, caplog):
     expected = fx.make_voc(tmp_path / "raw")
     dest = prepare.prepare("pascal", tmp_path / "raw", tmp_path / "out")
     data = formats.read_formatted(dest)
@@ -55,7 +55,7 @@ def test_pascal_spacing_zero_entries_and_warnings(tmp_path, capsys):
                     "image_root": os.path.relpath(root, dest.resolve()), "image_root_absolute": str(root)}
     # the stored paths are relative, as the published code stores them
     assert np.load(dest / "formatted_val_images.npy").tolist() == expected["val"][0]
-    warnings = capsys.readouterr().err.splitlines()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "wsml.data.prepare"]
     assert warnings == ["warning: pascal: 3 official train images, the official data set has 5717", "warning: pascal: 2 official val images, the official data set has 5823"]
 
 

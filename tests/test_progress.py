@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from orchestration import common as T
-from orchestration import importance, progress
-from orchestration.space import Group
+from orchestration.report import importance
+from orchestration.run import progress
+from orchestration.search.space import Group
 from wsml.progress import Progress
 
 EPOCHS = 6

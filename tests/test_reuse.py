@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestration import common, known, per_scheme
-from orchestration.space import FloatParam, Group, load_space
+from orchestration import common
+from orchestration.search import known, per_scheme
+from orchestration.search.space import FloatParam, Group, load_space
 from tests.helpers import mlflow_runs, ray_trials, run_cli, write_grid_space, write_space
 
 

@@ -9,8 +9,12 @@ limit) and submits the same command again, which continues the sweep with
 
 The first runs as a campus cluster's user would: an unprivileged user submits
 from a checkout in their home, an `nvidia-smi` reporting driver 550 comes
-through the site's set-up file (WSML_ENV_SETUP) to every step, and what the trials need
-was fetched on the "login node" (this machine's network) beforehand. A GPU
+through the site's set-up file (WSML_ENV_SETUP) to every step with the Python the
+venv was built from (a module's, which runs only with the module's
+LD_LIBRARY_PATH), the steps have no
+network (the set-up file loads tests/offline_site: no DNS, no route out), and
+what the trials need was fetched on the "login node" (this machine's network)
+beforehand. A GPU
 space against torch's CUDA 13 build fails in one line naming the driver, and a
 space without its ImageNet weights in one line naming the fetch, both before
 Ray starts.
@@ -152,10 +156,32 @@ def slurm(slurm_rig, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def _module_python(dest: Path) -> Path:
+    """A site's Python module: the project venv's base interpreter (linked to a shared libpython) copied with its
+    standard library and libpython into `dest`. Its RUNPATH names the original folder, out of the campus user's
+    reach, so it runs only with the module's LD_LIBRARY_PATH: what the site's set-up file must give every step."""
+    home = Path(next(ln.split(" = ", 1)[1] for ln in (ROOT / ".venv" / "pyvenv.cfg").read_text().splitlines()
+                     if ln.startswith("home = ")))
+    exe = home / "python3.11"
+    libs = [ln.split("=>")[1].split()[0] for ln in subprocess.run(["ldd", str(exe)], capture_output=True,
+                                                                    text=True).stdout.splitlines()
+            if "libpython3.11" in ln and "=>" in ln]
+    if not libs:
+        pytest.skip(f"{exe} is not linked to a shared libpython: no stand-in for a module's Python")
+    (dest / "bin").mkdir(parents=True)
+    (dest / "lib").mkdir()
+    shutil.copy2(exe, dest / "bin" / "python3.11")
+    shutil.copy2(libs[0], dest / "lib" / Path(libs[0]).name)
+    shutil.copytree(home.parent / "lib" / "python3.11", dest / "lib" / "python3.11", symlinks=True,
+                    ignore=shutil.ignore_patterns("site-packages", "test", "idlelib", "tkinter", "turtledemo"))
+    return dest
+
+
 @pytest.fixture
 def campus(slurm):
     """`slurm` as an unprivileged user: a checkout in their home, the venv lent to them, their shared and Ray
-    folders, and a site set-up file that puts an nvidia-smi of driver 550 on PATH (as `module load` would)."""
+    folders, and a site set-up file that, as `module load` would, puts the site's Python (the only one the venv
+    runs on) and an nvidia-smi of driver 550 on PATH, and cuts the nodes off the internet."""
     pw = ensure_user(USER)
     work = Path(pw.pw_dir) / slurm.ray_tmp.name                # one folder per test in the user's home
     repo = work / "wsml"
@@ -169,15 +195,21 @@ def campus(slurm):
     sw.mkdir(parents=True)
     (sw / "nvidia-smi").write_text(f"#!/bin/sh\necho {DRIVER}\n")
     (sw / "nvidia-smi").chmod(0o755)
+    module = _module_python(work / "sw" / "python-3.11")   # the site's Python, as `module load python/3.11`
     env_setup = work / "site.sh"
-    env_setup.write_text(f"export PATH={sw}:$PATH\n")
+    # the nodes have no internet: every Python of the job loads tests/offline_site (no DNS, no route out)
+    env_setup.write_text(f"export PATH={module / 'bin'}:{sw}:$PATH\n"
+                         f"export LD_LIBRARY_PATH={module / 'lib'}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\n"
+                         f"export PYTHONPATH={repo / 'tests' / 'offline_site'}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+                         f"export WSML_OFFLINE_LOG={work / 'offline.log'}\n")
     shared = work / "shared"
     shared.mkdir()
     for path in [Path(pw.pw_dir), *work.rglob("*"), work, slurm.ray_tmp]:
         os.lchown(path, pw.pw_uid, pw.pw_gid)
     Path(pw.pw_dir).chmod(0o755)
-    # the venv: this machine's, through a Python of the user's reach (tests/cluster_helpers.py)
-    lend_venv(ROOT / ".venv", repo / ".venv", pw, work / "venv")
+    # the venv: this machine's packages, over the module's Python (tests/cluster_helpers.py)
+    lend_venv(ROOT / ".venv", repo / ".venv", pw, work / "venv", base=module / "bin" / "python3.11",
+              base_env={"LD_LIBRARY_PATH": str(module / "lib")})
     s = Slurm(slurm.rig, work, shared, slurm.ray_tmp, user=pw, repo=repo, env_setup=env_setup)
     try:
         yield s
@@ -212,6 +244,15 @@ def _assert_stopped(s: Slurm) -> None:
     assert not left, "processes of the test's jobs left:\n" + "\n".join(left)
 
 
+def _network_attempts(s: Slurm) -> list[str]:
+    """What the job's Python processes tried to reach outside the allocation (tests/offline_site), less Ray's
+    probe of GCE's metadata server for TPUs when a node starts (ray/_private/accelerators/tpu.py, every node,
+    refused at once off Google Cloud)."""
+    log = s.tmp / "offline.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [ln for ln in lines if not ln.endswith(" resolve metadata.google.internal")]
+
+
 # ------------------------------------------- a campus cluster: before Ray, one line
 def _fails_before_ray(s: Slurm, job: str) -> str:
     """The job's one `error:` line, once it has failed without starting Ray."""
@@ -236,9 +277,28 @@ def test_campus_job_fails_in_one_line_before_ray(campus):
     for part in ("gpu check: node n", f"NVIDIA driver {DRIVER}", "built for CUDA 13", "needs a driver >= 580",
                  "TORCH_CUDA=cu126 bash scripts/setup.sh"):
         assert part in line, (part, line)
+    # the Python: without the site's set-up, the venv's interpreter misses its libpython (it may start with the
+    # system's, and fail as the standard library's C modules load)
+    s.env_setup, env_setup = None, s.env_setup
+    line = _fails_before_ray(s, s.submit("--space", str(gpu_space)))
+    s.env_setup = env_setup
+    for part in ("does not run on n", "Error", "in the file WSML_ENV_SETUP names"):
+        assert part in line, (part, line)
     # the network: ImageNet weights that the login node did not fetch
     line = _fails_before_ray(s, s.submit("--space", str(resnet_space)))
     assert "offline check" in line and "ImageNet weights" in line and "orchestration.offline fetch" in line, line
+    assert _network_attempts(s) == []
+
+
+def test_campus_nodes_have_no_network(campus):
+    """What the campus tests' nodes run under: the site set-up's Python resolves no outside name and reaches
+    no public address (and logs the attempt), where the login node (this machine) does."""
+    s = campus
+    probe = ["bash", "-c", 'source "$1" && exec "$2" -c "import urllib.request as u; u.urlopen(\'https://pypi.org\', '
+             'timeout=10)"', "probe", str(s.env_setup), str(s.repo / ".venv" / "bin" / "python")]
+    out = run_as(s.user, probe, timeout=60)
+    assert out.returncode != 0 and "offline node" in out.stderr, out
+    assert "resolve pypi.org" in (s.tmp / "offline.log").read_text()
 
 
 # -------------------------------------------------------------- the sweep
@@ -249,8 +309,9 @@ def test_sbatch_runs_the_sweep_on_two_nodes(campus):
     space = write_space(s.tmp / "space.yaml", num_samples=2, epochs=2, schemes="[LL-R, LL-Cp]", train_images=300)
     os.lchown(space, s.user.pw_uid, s.user.pw_gid)
     # the login node's fetch, with its network: for digits' small CNN there is nothing to download
-    fetched = run_as(s.user, ["bash", "-c", 'cd "$1" && exec .venv/bin/python -m orchestration.offline fetch '
-                              '--dataset digits --space "$2"', "fetch", str(s.repo), str(space)],
+    fetched = run_as(s.user, ["bash", "-c", 'export LD_LIBRARY_PATH="$3" && cd "$1" && exec .venv/bin/python '
+                              '-m orchestration.offline fetch --dataset digits --space "$2"', "fetch", str(s.repo),
+                              str(space), str(s.tmp / "sw" / "python-3.11" / "lib")],
                      env={"WSML_SHARED": str(s.shared)}, timeout=120)
     assert fetched.returncode == 0 and "everything the trials of digits load is here" in fetched.stdout, fetched
     # the shared folder as if on NFS: SQLite is opened by one mlflow server on the head, never by the nodes
@@ -262,6 +323,7 @@ def test_sbatch_runs_the_sweep_on_two_nodes(campus):
     served = re.search(r"served by mlflow server on n1 at (http://\S+);", log)
     assert served and f"--mlflow-uri {served[1]}" in log, log[:3000]
     assert "offline check: smallcnn weights none, data built in: nothing to download" in log
+    assert _network_attempts(s) == []
     for node in ("n1", "n2"):                                     # every node ran the site's set-up (nvidia-smi)
         assert f"gpu check: node {node}: NVIDIA driver {DRIVER}" in log and "the trials use no GPU" in log, log[:3000]
     assert "ray: 2 of 2 node(s) alive, 2 CPU(s), 2 GPU(s)" in log  # a head and a worker: what SLURM granted
@@ -371,7 +433,7 @@ def test_sweep_address_check_sends_rays_token(tmp_path):
                              f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
                             env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    check = ("import sys; from orchestration.common import SweepError; from orchestration.preflight import resolve_address\n"
+    check = ("import sys; from orchestration.common import SweepError; from orchestration.run.preflight import resolve_address\n"
              "try:\n    print(resolve_address(sys.argv[1]))\n"
              "except SweepError as e:\n    print('error:', e)\n")
     try:

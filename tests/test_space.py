@@ -6,10 +6,11 @@ import textwrap
 import optuna
 import pytest
 
-from orchestration import paper
+from orchestration.report import paper
 from orchestration.common import SpaceError
-from orchestration.per_scheme import GroupSpace, quotas
-from orchestration.space import SPACES_DIR, FloatParam, Group, load_space, with_overrides
+from orchestration.search.per_scheme import quotas
+from orchestration.search.study import GroupSpace
+from orchestration.search.space import SPACES_DIR, FloatParam, Group, load_space, with_overrides
 from orchestration.trial import Trial
 from wsml.config import BASELINES, DATASETS, LL_SCHEMES, SCHEMES
 
@@ -238,7 +239,7 @@ def test_the_tuner_keeps_max_concurrent_trials_pending(tmp_path):
     from ray.tune.execution.tune_controller import _get_max_pending_trials
     from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
-    from orchestration import tuner
+    from orchestration.run import tuner
 
     s = with_overrides(load_space("digits", write(tmp_path, GOOD)), max_concurrent=5)
     t = tuner.build(s, name="t", storage=str(tmp_path), trainable=lambda c: None, resources={"cpu": 1},
@@ -262,7 +263,7 @@ def test_the_tuner_keeps_max_concurrent_trials_pending(tmp_path):
     (("dataset: digits", "dataset: digits\nsource: elsewhere"), "source is an unknown key: known keys here are"),
 ])
 def test_type_errors_from_the_schema_are_one_line(tmp_path, edit, line):
-    """The types are pydantic's (orchestration.space._parse); its errors read as the file's keys."""
+    """The types are pydantic's (orchestration.search.space._parse); its errors read as the file's keys."""
     assert line in _space_error(tmp_path, *edit)
 
 
@@ -274,7 +275,7 @@ def test_a_lone_name_is_a_list_of_one(tmp_path):
 @pytest.mark.parametrize("epochs,grace", [(4, 2), (3, 2), (5, 2), (8, 4), (2, 2)])
 def test_fewer_epochs_shrink_ashas_grace_period(epochs, grace):
     """`--epochs 4` on the digits space (10 epochs, grace period 5) keeps a rung before the end: grace 2."""
-    from orchestration.estimate import asha_rungs
+    from orchestration.cost.estimate import asha_rungs
 
     loaded = load_space("digits")
     loaded.scheduler.grace_period = 5       # as the digits space shipped before bench/sweep.py's lr x delta_rel grid

@@ -307,9 +307,9 @@ def test_mlflow_callback_exactly_once_and_end_states(tmp_path):
     from mlflow import MlflowClient
 
     from orchestration import common as T
-    from orchestration import store
+    from orchestration.tracking import store
     from orchestration.common import TrackingError
-    from orchestration.mlflow_callback import MLflowTrialLogger
+    from orchestration.tracking.mlflow_callback import MLflowTrialLogger
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     c = MlflowClient(uri)
@@ -317,6 +317,7 @@ def test_mlflow_callback_exactly_once_and_end_states(tmp_path):
     with pytest.raises(TrackingError, match="already holds this sweep's run: pass --resume"):
         store.start_parent(c, "cb", "digits", {"command": "x"}, resume=False)
     cb = MLflowTrialLogger(uri, exp, parent, "cb", "digits", T.ROLE_TRIAL, epochs=4)
+    cb.outbox.background = False        # sent in this thread: each step checked at once
     done, asha, drop, fail, diverged, cut = (
         _FakeTrial(f"t{i}", i, scheme=s, mode="end-to-end", lr=1e-3, delta_rel=2.0)
         for i, s in enumerate(["LL-R", "LL-Ct", "LL-Cp", "LL-R", "LL-R", "AN"], start=1))
@@ -360,6 +361,7 @@ def test_mlflow_callback_exactly_once_and_end_states(tmp_path):
     # interrupted one and logs only the epochs it has not seen
     cb2 = pickle.loads(pickle.dumps(cb))
     assert cb2._runs == {} and cb2._client is None
+    cb2.outbox.background = False
     cb2.log_trial_start(cut)
     assert run_of(cut).info.status == "RUNNING"
     for e in (2, 3, 4):                                              # restored from epoch 1's checkpoint
@@ -380,7 +382,8 @@ def test_storage_and_cache_dir_default_to_the_cluster_files_paths(tmp_path, monk
     once, read by every node) and to the node's own disk for a raw one (read again every epoch)."""
     import numpy as np
 
-    from orchestration import preflight, sweep
+    from orchestration.run import preflight
+    from orchestration import sweep
 
     shared, local = tmp_path / "shared" / "cache", tmp_path / "nvme"
     for k in ("WSML_STORAGE", "WSML_CACHE", "WSML_SHARED_CACHE"):

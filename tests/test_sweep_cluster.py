@@ -8,7 +8,7 @@ CPU). A worker node is removed while two trials run on it:
   each of its trials and retries them from their last checkpoint on the other
   nodes (max_failures 3);
 * preempted (a spot instance): EC2's interruption notice, served by a fake
-  instance-metadata service, makes orchestration/spot_watch.py drain the node
+  instance-metadata service, makes orchestration/cluster/spot_watch.py drain the node
   as preempted before it goes; its trials continue from their checkpoints
   elsewhere although max_failures is 0, since Tune does not count preemptions.
 
@@ -171,7 +171,7 @@ def test_preempted_spot_node_trials_continue_without_counting_failures(tmp_path,
         metadata.notice = {"action": "terminate",
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))}
         watcher = subprocess.run(
-            [sys.executable, "-m", "orchestration.spot_watch", "--address", cluster.address,
+            [sys.executable, "-m", "orchestration.cluster.spot_watch", "--address", cluster.address,
              "--node-id", node.node_id, "--interval", "0.2"],
             env=clean_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=metadata.url, WSML_SPOT_DIR=str(tmp_path / "spot")),
             capture_output=True, text=True,
@@ -194,7 +194,7 @@ def test_preempted_spot_node_trials_continue_without_counting_failures(tmp_path,
 
 
 def test_spot_watch_leaves_on_demand_instances_and_other_machines_alone(tmp_path):
-    from orchestration import spot_watch
+    from orchestration.cluster import spot_watch
 
     lines = []
     assert spot_watch.watch(spot_watch.Metadata("http://127.0.0.1:9", timeout=0.5), "127.0.0.1:1", None, 0.1,

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
+from wsml import schemes
 from wsml.errors import ConfigError
 
-LL_SCHEMES = ("LL-R", "LL-Ct", "LL-Cp")
-BASELINES = ("full", "AN", "WAN", "LSAN", "EPR", "ROLE")
-SCHEMES = BASELINES + LL_SCHEMES
+_T = TypeVar("_T")
+
+# The schemes and their families, from the registry (wsml/schemes.py): the 2022 paper's baselines and
+# large-loss schemes (its Table 1 rows), then the methods published since (EM, EM+APL, GR).
+LL_SCHEMES = schemes.names("large-loss")
+BASELINES = schemes.names("baseline")
+RECENT_SCHEMES = schemes.names("recent")
+SCHEMES = schemes.names()
 MODES = ("end-to-end", "linear-init")
 DATASETS = ("digits", "pascal", "coco", "nuswide", "cub", "openimages")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -82,56 +89,110 @@ def linear_phase_defaults(dataset: str, scheme: str) -> LinearPhase:
     """The default linear phase of LinearInit for `scheme` on `dataset`.
 
     Schemes that work did not run under LinearInit take the setting of its
-    closest loss (our choice, no published value exists): EPR is ROLE's
-    classifier half without the cross term, so ROLE's; full, AN, WAN and the
-    LL schemes (plain AN in the linear phase: the large-loss rule starts in
-    epoch 2) are BCE over every entry like LSAN, so LSAN's. OpenImages, not in
-    that work, takes COCO's.
+    closest loss (our choice, no published value exists; the registry's
+    `linear_phase`): EPR is ROLE's classifier half without the cross term, so
+    ROLE's; full, AN, WAN and the LL schemes (plain AN in the linear phase: the
+    large-loss rule starts in epoch 2) are BCE over every entry like LSAN, so
+    LSAN's; so are EM and EM+APL (a term on every entry; no pseudo-labels yet in
+    the linear phase) and GR (its start values there). OpenImages, not in that
+    work, takes COCO's.
     """
     if dataset == "digits":
         return _DIGITS_LINEAR_PHASE
-    family = "ROLE" if scheme in ("ROLE", "EPR") else "LSAN"
+    family = schemes.REGISTRY[scheme].linear_phase
     return _SPML_LINEAR_PHASE[family]["coco" if dataset == "openimages" else dataset]
+
+
+def filled(value: _T | None, name: str) -> _T:
+    """A setting that `TrainConfig.resolve()` fills in, typed as filled: what code reading a resolved
+    config uses instead of the Optional field."""
+    if value is None:
+        raise ValueError(f"TrainConfig.{name} is unset: resolve() the configuration first")
+    return value
+
+
+def option(default: Any, help: str | None = None, **argparse_settings: Any) -> Any:
+    """A TrainConfig field that `python -m wsml.train` takes as `--<name>`: its help text and any argparse
+    setting the field's type does not imply (choices, metavar). The command line is built from these."""
+    return field(default=default, metadata={"option": {"help": help, **argparse_settings}})
+
+
+def _either(choices: tuple[str, ...]) -> str:
+    return " or ".join([", ".join(choices[:-1]), choices[-1]]) if len(choices) > 1 else choices[0]
+
+
+def _hyper_help(name: str) -> str:
+    """A method hyper-parameter's help: what it is and its default (argparse formats %%)."""
+    h = schemes.hyper(name)
+    return f"{h.help} (default: the authors' value for the data set, digits ours; {h.source})".replace("%", "%%")
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines one run; `None` means "the data set's default"."""
+    """Everything that defines one run; `None` means "the data set's default".
 
-    dataset: str = "digits"
-    scheme: str = "LL-R"
-    delta_rel: float | None = None        # percent of the batch's entries per epoch
-    lr: float | None = None               # backbone learning rate
-    lr_head_mult: float = 10.0            # the linear head's lr = lr * lr_head_mult
-    optimizer: str = "adam"               # "adam" or "sgd"; the linear phase of LinearInit is always Adam
-    epochs: int | None = None
-    batch_size: int | None = None
-    mode: str = "end-to-end"
-    weights: str | None = None            # "imagenet", "none" or a local file path
-    arch: str | None = None               # "resnet50" or "smallcnn"
-    image_size: int | None = None
-    data_root: str | None = None          # default data/<dataset>
-    cache_dir: str | None = None          # decoded-image and feature cache; default .cache/
-    image_cache: str = "auto"             # raw uint8 pixels, compact JPEG shards, or auto (by size)
-    image_decode: str = "cpu"             # compact cache: decode in DataLoader workers, or "gpu" (nvJPEG)
-    seed: int = 0                         # training seed (init, shuffling, flips)
-    obs_seed: int = 1200                  # which positive stays observed (paper: 1200)
+    Fields made with `option` are the trainer's command-line options; the others are set by a
+    sweep's space file or by callers of `wsml.train.run`.
+    """
+
+    dataset: str = option("digits")
+    scheme: str = option("LL-R", _either(SCHEMES))
+    delta_rel: float | None = option(None, "percent of label entries per epoch (paper: 0.1-0.5)")
+    lr: float | None = option(None, "backbone learning rate; the head gets 10x")
+    lr_head_mult: float = option(10.0, "the linear head's lr = lr * this")
+    optimizer: str = option("adam", f"{_either(OPTIMIZERS)} (momentum 0.9, weight decay 1e-3, as the paper's "
+                                     "code); the linear phase of LinearInit is always Adam")
+    epochs: int | None = option(None)
+    batch_size: int | None = option(None)
+    mode: str = option("end-to-end", _either(MODES))
+    weights: str | None = option(None, "imagenet, none, or a local ResNet-50 state-dict file")
+    arch: str | None = option(None, "resnet50 or smallcnn (default: by data set)")
+    image_size: int | None = option(None)
+    data_root: str | None = option(None, "folder in the published layout (default data/<dataset>)")
+    cache_dir: str | None = option(None, "decoded-image and feature cache (default .cache)")
+    image_cache: str = option("auto", "raw uint8 pixels, JPEG shards, or auto: raw up to 16 GB of pixels "
+                                      "(default auto)", choices=IMAGE_CACHES)
+    image_decode: str = option("cpu", "compact cache: decode in the DataLoader workers, or batched on the GPU "
+                                      "(nvJPEG)", choices=IMAGE_DECODERS)
+    seed: int = option(0, "training seed (initialisation, shuffling, flips)")
+    obs_seed: int = option(1200, "which positive stays observed")
     split_seed: int = 1200                # train/validation split (paper: 1200)
     val_frac: float = 0.2
-    device: str = "auto"                  # "auto", "cpu", "cuda" or "cuda:N"
-    precision: str = "auto"               # bf16 on CUDA, fp32 on CPU when "auto"
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = option("auto", "auto (bf16 on CUDA), bf16 or fp32")
     channels_last: bool = True            # only applied on CUDA
-    hflip: bool | None = None             # random horizontal flip in training (digits: off)
-    cuda_graph: bool = False              # capture the whole training step as one CUDA graph
-    num_workers: int = 2
+    hflip: bool | None = option(None, "random horizontal flip in training (default: on, off for digits)")
+    cuda_graph: bool = option(False, "capture each training step as one CUDA graph")
+    num_workers: int = option(2)
     stop_drop: float | None = 3.0         # stop once val mAP falls this far below its best
     expected_positives: float | None = None
-    linear_init_epochs: int | None = None      # default: linear_phase_defaults(dataset, scheme)
-    linear_init_lr: float | None = None        # Adam lr of the head in LinearInit's linear phase
-    linear_init_batch_size: int | None = None
-    skip_bad_images: bool = False
-    max_train_images: int | None = None   # subsample for quick checks
-    boostlu_alpha: float | None = None    # BoostLU (CVPR 2023): positive CAM values times alpha; None = off
+    # the linear phase's defaults: linear_phase_defaults(dataset, scheme)
+    linear_init_epochs: int | None = option(None, "epochs of the linear phase (default: per scheme)")
+    linear_init_lr: float | None = option(None, "Adam lr of the linear phase (default: per scheme)")
+    linear_init_batch_size: int | None = option(None, "batch size of the linear phase (default: per scheme)")
+    skip_bad_images: bool = option(False, "skip unreadable images (counted); refused past 1 %% of a split's "
+                                          "images, or when a class loses every observed positive of the "
+                                          "training split")
+    max_train_images: int | None = option(None, "train on the first N images only (quick checks)")
+    boostlu_alpha: float | None = option(None, "BoostLU (CVPR 2023): multiply positive class-activation-map "
+                                               "values by A before pooling (the authors use 5; default: off)",
+                                         metavar="A")
+    # The hyper-parameters of the methods since 2022 (wsml/schemes.py: their defaults per data set, sources
+    # and search ranges); None: the published default of the data set. Only the scheme's own may be set.
+    em_alpha: float | None = option(None, _hyper_help("em_alpha"))
+    apl_beta: float | None = option(None, _hyper_help("apl_beta"))
+    apl_neg_proportion: float | None = option(None, _hyper_help("apl_neg_proportion"))
+    apl_warmup_epoch: int | None = option(None, _hyper_help("apl_warmup_epoch"))
+    gr_w_start: float | None = option(None, _hyper_help("gr_w_start"))
+    gr_w_end: float | None = option(None, _hyper_help("gr_w_end"))
+    gr_b_start: float | None = option(None, _hyper_help("gr_b_start"))
+    gr_b_end: float | None = option(None, _hyper_help("gr_b_end"))
+    gr_mu_start: float | None = option(None, _hyper_help("gr_mu_start"))
+    gr_sigma_start: float | None = option(None, _hyper_help("gr_sigma_start"))
+    gr_mu_end: float | None = option(None, _hyper_help("gr_mu_end"))
+    gr_sigma_end: float | None = option(None, _hyper_help("gr_sigma_end"))
+    gr_q2: float | None = option(None, _hyper_help("gr_q2"))
+    gr_q3: float | None = option(None, _hyper_help("gr_q3"))
 
     def resolve(self) -> TrainConfig:
         """Return a copy with data-set defaults filled in, validated."""
@@ -149,6 +210,9 @@ class TrainConfig:
             for name in ("epochs", "lr", "batch_size"):
                 if getattr(self, f"linear_init_{name}") is None:
                     filled[f"linear_init_{name}"] = getattr(phase, name)
+            for h in schemes.REGISTRY[self.scheme].hypers:     # the scheme's own hyper-parameters
+                if h.defaults is not None and getattr(self, h.name) is None:
+                    filled[h.name] = h.default(self.dataset)
         cfg = replace(self, **filled)
         cfg.validate()
         return cfg
@@ -195,6 +259,21 @@ class TrainConfig:
                                   and a > 0):
             bad("boostlu_alpha", "a positive number (the BoostLU paper uses 5; 1 is the plain linear head), "
                                  "or None for no BoostLU")
+        self._validate_hypers(bad)
+
+    def _validate_hypers(self, bad: Callable[[str, str], None]) -> None:
+        """The scheme's own hyper-parameters (wsml/schemes.py: valid values), and no other method's set."""
+        scheme = schemes.REGISTRY[self.scheme]
+        for name in schemes.hyper_names(with_dataset_defaults=False):
+            h = scheme.hyper(name)
+            if h is None:
+                if getattr(self, name) is not None:
+                    users = [s for s in SCHEMES if schemes.applies(name, s)]
+                    bad(name, f"a hyper-parameter of {_either(tuple(users))}, not of {self.scheme}: leave it unset")
+                continue
+            why = h.invalid(getattr(self, name), self.epochs)
+            if why:
+                bad(name, why)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -209,16 +288,25 @@ class TrainConfig:
 
 
 # Fields that may differ between a checkpoint and the run resuming it: where and how fast it runs,
-# where the data lives (the data itself is compared by its fingerprint), how many epochs.
+# where the data lives (the data itself is compared by its fingerprint), how many epochs (not for a scheme
+# with a schedule over the epochs: `resume_free`).
 RESUME_FREE = frozenset({"device", "num_workers", "data_root", "cache_dir", "precision", "channels_last", "epochs",
                          "skip_bad_images", "image_decode"})
 
 
+def resume_free(scheme: str | None) -> frozenset[str]:
+    """RESUME_FREE for `scheme`: without `epochs` where its loss or label update depends on them (EM+APL's
+    per-update count, GR's schedules), so that a resumed run is the run it continues."""
+    spec = schemes.REGISTRY.get(scheme or "")
+    return RESUME_FREE - {"epochs"} if spec is not None and spec.epoch_schedule else RESUME_FREE
+
+
 def resume_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """The first setting (outside RESUME_FREE) that differs, as "scheme='LL-Ct' but this run has
-    scheme='LL-R'", or None. Keys missing on either side are not compared."""
+    """The first setting (outside `resume_free` of the scheme) that differs, as "scheme='LL-Ct' but this run
+    has scheme='LL-R'", or None. Keys missing on either side are not compared."""
+    free = resume_free(now.get("scheme"))
     for key, value in now.items():
-        if key not in RESUME_FREE and key in saved and saved[key] != value:
+        if key not in free and key in saved and saved[key] != value:
             return f"{key}={saved[key]!r} but this run has {key}={value!r}"
     return None
 
@@ -239,7 +327,7 @@ class EpochReport:
     epoch_seconds: float
     images_per_s: float
     # LinearInit, first epoch only: share of the head's logits past +-10 on the first fine-tuning batch
-    # (above wsml.train.SATURATED_SHARE the head is saturated and the log warns)
+    # (above wsml.linear_init.SATURATED_SHARE the head is saturated and the log warns)
     linear_init_saturated_frac: float | None = None
     stop: bool = False              # the trainer's own stop rule fired (val mAP dropped)
 

@@ -1,4 +1,5 @@
-"""Losses of the paper's Table 1, each averaged over the B x C entries.
+"""Losses of the paper's Table 1, each averaged over the B x C entries, and the dispatch of every scheme's
+batch loss through the registry (`scheme_loss`; wsml/schemes.py names each scheme's function).
 
 Label matrices hold 1 (observed positive), 0 (unobserved) and -1 (observed
 negative). Every function takes logits, not probabilities, and works in fp32
@@ -6,13 +7,17 @@ with log-sigmoid forms, so bf16 autocast cannot turn log(0) into inf.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from wsml.config import LL_SCHEMES
+from wsml import schemes
+from wsml.config import TrainConfig
 from wsml.large_loss import LargeLossRule, apply_large_loss_rule, select_large_losses
 
 LABEL_SMOOTHING = 0.1  # LSAN, as in the single-positive work
@@ -81,39 +86,84 @@ def init_role_estimator(observed: torch.Tensor, generator: torch.Generator) -> t
     return init
 
 
+@dataclass
+class Batch:
+    """What a scheme's batch loss may read (the registry's `Scheme.loss` takes one)."""
+
+    scheme: str
+    logits: torch.Tensor                            # B x C, fp32
+    observed: torch.Tensor                          # B x C: 1, 0, -1 (LL-Cp: with its corrections)
+    complete: torch.Tensor                          # the full labels: read by `full` only
+    epoch: int                                      # 1-based; 0 in LinearInit's linear phase
+    delta_rel: float = 0.0                          # the LL schemes
+    expected_positives: float = 1.0                 # EPR, ROLE
+    estimator_logits: torch.Tensor | None = None    # ROLE: the label estimator's rows of the batch
+    soft_labels: torch.Tensor | None = None         # EM+APL: the pseudo-labels' rows of the batch (NaN: none)
+    epochs: int = 0                                 # the run's epochs (EM+APL, GR)
+    config: TrainConfig | None = None               # the resolved run: the scheme's hyper-parameters
+
+    def no_selection(self) -> torch.Tensor:
+        return torch.zeros_like(self.observed, dtype=torch.bool)
+
+
+def full_loss(b: Batch) -> LossOutput:
+    return LossOutput(bce(b.logits, (b.complete == 1).float()).mean(), b.no_selection())
+
+
+def an_loss(b: Batch) -> LossOutput:
+    return LossOutput(bce(b.logits, an_targets(b.observed)).mean(), b.no_selection())
+
+
+def wan_loss(b: Batch) -> LossOutput:
+    num_classes = b.logits.shape[1]
+    weights = torch.where(b.observed == 0, 1.0 / (num_classes - 1), 1.0)
+    return LossOutput((weights * bce(b.logits, an_targets(b.observed))).mean(), b.no_selection())
+
+
+def lsan_loss(b: Batch) -> LossOutput:
+    targets = an_targets(b.observed) * (1 - LABEL_SMOOTHING) + (1 - an_targets(b.observed)) * LABEL_SMOOTHING
+    return LossOutput(bce(b.logits, targets).mean(), b.no_selection())
+
+
+def epr_loss(b: Batch) -> LossOutput:
+    reg = expected_positive_regularizer(torch.sigmoid(b.logits), b.expected_positives)
+    return LossOutput(_positives_only(b.logits, b.observed).mean() + reg, b.no_selection())
+
+
+def role_scheme_loss(b: Batch) -> LossOutput:
+    if b.estimator_logits is None:
+        raise ValueError("ROLE needs the label estimator's logits for the batch")
+    return LossOutput(role_loss(b.logits, b.estimator_logits.float(), b.observed, b.expected_positives),
+                      b.no_selection())
+
+
+def large_loss(b: Batch) -> LossOutput:
+    """LL-R, LL-Ct, LL-Cp: the AN loss with the large-loss rule of `b.scheme` in `b.epoch`."""
+    loss_an = bce(b.logits, an_targets(b.observed))
+    rule = LargeLossRule(b.scheme, b.delta_rel)
+    selected = select_large_losses(loss_an, b.observed, b.epoch, rule)
+    loss = apply_large_loss_rule(loss_an, -F.logsigmoid(b.logits), selected, b.scheme)
+    return LossOutput(loss.mean(), selected)
+
+
+@functools.cache
+def loss_function(scheme: str) -> Callable[[Batch], LossOutput]:
+    """The batch loss the registry names for `scheme` (imported on first use)."""
+    if scheme not in schemes.REGISTRY:
+        raise ValueError(f"unknown scheme {scheme!r}")
+    module, _, name = schemes.REGISTRY[scheme].loss.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def scheme_loss(scheme: str, logits: torch.Tensor, observed: torch.Tensor, complete: torch.Tensor,
                 epoch: int, delta_rel: float, expected_positives: float,
-                estimator_logits: torch.Tensor | None = None) -> LossOutput:
-    """The batch loss of `scheme` for 1-based `epoch`.
+                estimator_logits: torch.Tensor | None = None, *, soft_labels: torch.Tensor | None = None,
+                epochs: int = 0, config: TrainConfig | None = None) -> LossOutput:
+    """The batch loss of `scheme` for 1-based `epoch` (0: LinearInit's linear phase), through the registry.
 
-    `complete` (the full labels) is used only by `full`; `estimator_logits`
-    only by ROLE.
+    `complete` (the full labels) is used only by `full`; `estimator_logits` only by ROLE;
+    `soft_labels` only by EM+APL; `config` (the resolved run, for the scheme's hyper-parameters)
+    and `epochs` by the methods since 2022.
     """
-    logits = logits.float()
-    no_selection = torch.zeros_like(observed, dtype=torch.bool)
-    if scheme == "full":
-        return LossOutput(bce(logits, (complete == 1).float()).mean(), no_selection)
-    if scheme == "AN":
-        return LossOutput(bce(logits, an_targets(observed)).mean(), no_selection)
-    if scheme == "WAN":
-        num_classes = logits.shape[1]
-        weights = torch.where(observed == 0, 1.0 / (num_classes - 1), 1.0)
-        return LossOutput((weights * bce(logits, an_targets(observed))).mean(), no_selection)
-    if scheme == "LSAN":
-        targets = an_targets(observed) * (1 - LABEL_SMOOTHING) + (1 - an_targets(observed)) * LABEL_SMOOTHING
-        return LossOutput(bce(logits, targets).mean(), no_selection)
-    if scheme == "EPR":
-        reg = expected_positive_regularizer(torch.sigmoid(logits), expected_positives)
-        return LossOutput(_positives_only(logits, observed).mean() + reg, no_selection)
-    if scheme == "ROLE":
-        if estimator_logits is None:
-            raise ValueError("ROLE needs the label estimator's logits for the batch")
-        return LossOutput(role_loss(logits, estimator_logits.float(), observed, expected_positives),
-                          no_selection)
-    if scheme not in LL_SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}")
-    loss_an = bce(logits, an_targets(observed))
-    rule = LargeLossRule(scheme, delta_rel)
-    selected = select_large_losses(loss_an, observed, epoch, rule)
-    loss = apply_large_loss_rule(loss_an, -F.logsigmoid(logits), selected, scheme)
-    return LossOutput(loss.mean(), selected)
+    return loss_function(scheme)(Batch(scheme, logits.float(), observed, complete, epoch, delta_rel,
+                                       expected_positives, estimator_logits, soft_labels, epochs, config))

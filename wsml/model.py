@@ -112,6 +112,12 @@ def resnet50(weights: str) -> tuple[nn.Module, int]:
             cached = imagenet_weights_file()
             raise ConfigError(f"ImageNet weights {cached} cannot be read as a state dict ({type(err).__name__}): "
                               "delete the file to download it again") from err
+        except OSError as err:      # not there, and its folder cannot be written (a read-only HOME) or no network
+            cached = imagenet_weights_file()
+            raise ConfigError(f"ImageNet weights {cached} are not there and cannot be downloaded ({type(err).__name__}: "
+                              f"{err}): set TORCH_HOME to a writable folder (on a machine without internet, fetch "
+                              "them there first: python -m orchestration.offline fetch), or pass --weights none "
+                              "or a file") from None
         net.load_state_dict(state)
     else:
         net = torchvision.models.resnet50(weights=None)

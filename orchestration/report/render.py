@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from orchestration import paper
+from orchestration.report import paper
 
 EMPTY = "–"           # marks a cell without runs
 
@@ -23,6 +23,20 @@ def format_cell(mean: float, std: float, n: int, ref: float) -> str:
         if n:
             parts.append(f"Δ {mean - ref:+.2f}")
     return " · ".join(parts)
+
+
+def _pipe(value):
+    """A cell or label with its `|` escaped: a name holding one would split the Markdown row."""
+    return value.replace("|", "\\|") if isinstance(value, str) else value
+
+
+def to_markdown(df: pd.DataFrame, **kw) -> str:
+    """`df.to_markdown`, every `|` in a cell, the index or a column name escaped."""
+    out = df.map(_pipe)
+    out.index = out.index.map(_pipe)
+    out.index.name = _pipe(df.index.name)
+    out.columns = [_pipe(c) for c in df.columns]
+    return out.to_markdown(**kw)
 
 
 def columns_with_runs(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -70,7 +84,7 @@ def render_table1(tidy: pd.DataFrame, experiments: list[str], notes: list[str],
     wide = table1_wide(tidy if all_columns else columns_with_runs(tidy))
     md = [f"# {title}", "",
           f"Sweeps: {', '.join(experiments)}. {LEGEND}", "",
-          _flat(wide).to_markdown(), ""]
+          to_markdown(_flat(wide)), ""]
     if notes:
         md += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     csv = tidy[["method", "dataset", "dataset_label", "mode", "mode_label", "mean", "std", "n",
@@ -97,7 +111,7 @@ def render_openimages(tidy: pd.DataFrame, notes: list[str]) -> tuple[str, str]:
     wide.index.name = "method"
     md = ["# OpenImages V3: mAP by class-frequency group, ours vs. the paper", "",
           LEGEND + " Groups G1-G5 are read from test_map_g1..g5, All from test_map.", "",
-          wide.to_markdown(), ""]
+          to_markdown(wide), ""]
     oi_notes = [n for n in notes if "OpenImages" in n]
     if oi_notes:
         md += ["Notes:", ""] + [f"- {n}" for n in oi_notes] + [""]
@@ -126,7 +140,7 @@ def render_sweeps(sweeps: pd.DataFrame, estimates: pd.DataFrame | None = None) -
             part[c] = part[c].map(lambda v: f"{v:.2f}" if math.isfinite(v) else EMPTY)
         md += [f"## {sweep} ({paper.DATASET_LABELS.get(ds, ds)}, {paper.MODE_LABELS.get(mode, mode)})", "",
                f"Trained on data {', '.join(dict.fromkeys(grp['data']))} (`wsml.data`).", "",
-               part.to_markdown(index=False), ""]
+               to_markdown(part, index=False), ""]
     if estimates is not None and not estimates.empty:
         md += ["## Estimated at the start vs spent", "",
                "What `orchestration/sweep.py` estimated when the sweep started (`--dry-run` prints the same, "
@@ -146,6 +160,6 @@ def render_sweeps(sweeps: pd.DataFrame, estimates: pd.DataFrame | None = None) -
             "wall est.": estimates["wall_s_estimated"].map(lambda v: f"{v:,.0f} s"),
             "wall spent": estimates["wall_s_spent"].map(lambda v: f"{v:,.0f} s" if math.isfinite(v) else EMPTY),
             "reused": estimates["reused_proposals"].map(lambda v: f"{v:g}")})
-        md += [shown.to_markdown(index=False), ""]
+        md += [to_markdown(shown, index=False), ""]
     csv = sweeps.to_csv(index=False, float_format="%.6g")
     return "\n".join(md), csv

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from orchestration import common as T
-from orchestration import paper, store
+from orchestration.report import paper
+from orchestration.tracking import store
 from orchestration.common import AggregateError, first_line, redact
 
 FINISHED = "FINISHED"

@@ -1,6 +1,6 @@
 """The paper's tables as tidy frames built from the runs (`orchestration.report.runs`): Table 1 (a row per
-method, a column per data set x mode), the BoostLU table, the OpenImages groups, and per sweep the best
-configuration, its cost and the estimate made at its start."""
+method, a column per data set x mode), the BoostLU table, the recent-methods table, the OpenImages groups,
+and per sweep the best configuration, its cost and the estimate made at its start."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pandas as pd
 
+from wsml import schemes
+
 from orchestration import common as T
-from orchestration import paper, paper_boostlu
+from orchestration.report import paper, paper_boostlu
 from orchestration.common import method_name
 from orchestration.report.runs import FINISHED, NOT_RECORDED, num
 
@@ -33,10 +35,11 @@ def _dataset_order(datasets) -> list[str]:
 
 
 def _method_order(methods) -> list[str]:
-    """The paper's rows first, each followed by its BoostLU row (as in the BoostLU paper), then the rest."""
+    """The paper's rows first, each followed by its BoostLU row (as in the BoostLU paper), then the other
+    schemes in the registry's order (wsml/schemes.py), then the rest."""
     methods = [m for m in dict.fromkeys(methods) if m]
     out = []
-    for m in paper.METHODS:
+    for m in paper.METHODS + tuple(n for n in schemes.names() if n not in paper.METHODS):
         out += [x for x in (m, method_name(m, 1.0)) if x in methods]
     return out + sorted(m for m in methods if m not in out)
 
@@ -127,6 +130,35 @@ def boostlu_frame(runs: pd.DataFrame, notes: list[str] | None = None) -> pd.Data
             cell = _cell(finals, method, ds, row.mode, paper_boostlu.single_positive(key, ds), label, notes)
             rows.append({"method": key, **cell, "mode_label": "single positive label"})
     return pd.DataFrame(rows)
+
+
+def recent_frame(runs: pd.DataFrame, notes: list[str] | None = None) -> pd.DataFrame | None:
+    """Tidy recent-methods table: the registry's methods since 2022 (`recent`: EM, EM+APL, GR), each beside
+    its own paper's test mAP (end-to-end on the four benchmarks), per data set (those four, then every other
+    with runs) and mode (end-to-end, and LinearInit where one of them has runs); None when none has runs.
+    Its columns are those with runs or a published number, so the papers' numbers are shown beside ours
+    whichever data sets were run."""
+    notes = [] if notes is None else notes
+    recent = schemes.names("recent")
+    nested = runs[runs["role"].isin([T.ROLE_TRIAL, T.ROLE_FINAL])]
+    mine = nested[nested["scheme"].isin(recent)]
+    if mine.empty:
+        return None
+    finals = _final_runs(runs)
+    datasets = list(paper.PAPER_DATASETS) + [d for d in _dataset_order(nested["dataset"])
+                                             if d not in paper.PAPER_DATASETS]
+    rows = []
+    for mode in _mode_order(["end-to-end"] + list(mine["mode"])):
+        for ds in datasets:
+            for name in recent:
+                label = (f"{name} {paper.DATASET_LABELS.get(ds, ds)} {paper.MODE_LABELS.get(mode, mode)} "
+                         "(recent-methods table)")
+                ref = schemes.REGISTRY[name].published.get((ds, mode))
+                rows.append({"method": name, **_cell(finals, name, ds, mode, ref, label, notes)})
+    tidy = pd.DataFrame(rows)
+    column = [tidy["dataset"], tidy["mode"]]
+    shown = tidy["n"].gt(0).groupby(column).transform("any") | tidy["paper"].notna().groupby(column).transform("any")
+    return tidy[shown].reset_index(drop=True)
 
 
 def _seed_key(s: str):

@@ -16,10 +16,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +41,8 @@ IMAGE_FORMAT_VERSION = 1
 
 Shape = tuple[int, ...]
 
+_logger = logging.getLogger(__name__)
+
 
 def cached_arrays(cache_root: str | os.PathLike, key: Mapping, arrays: Mapping[str, tuple[Shape, np.dtype]],
                   build: Callable[[dict[str, np.memmap]], None], *, name: str = "cache") -> dict[str, np.memmap]:
@@ -59,7 +61,7 @@ def cached_arrays(cache_root: str | os.PathLike, key: Mapping, arrays: Mapping[s
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(f"waiting for another process to finish building {entry}", file=sys.stderr, flush=True)
+        _logger.info(f"waiting for another process to finish building {entry}")
         lock.acquire()
     try:
         for leftover in root.glob(f"{entry.name}.tmp-*"):  # from a killed builder: holding the lock, none is live
@@ -67,7 +69,7 @@ def cached_arrays(cache_root: str | os.PathLike, key: Mapping, arrays: Mapping[s
         found = _open_entry(entry, arrays)
         if found is not None:
             return found
-        print(f"building {entry} (once per node)", file=sys.stderr, flush=True)
+        _logger.info(f"building {entry} (once per node)")
         start = time.monotonic()
         tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp-", dir=root))
         try:
@@ -84,7 +86,7 @@ def cached_arrays(cache_root: str | os.PathLike, key: Mapping, arrays: Mapping[s
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        print(f"built {entry} in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+        _logger.info(f"built {entry} in {time.monotonic() - start:.1f} s")
         return {n: np.load(entry / f"{n}.npy", mmap_mode="r") for n in arrays}
     finally:
         lock.release()
@@ -233,8 +235,8 @@ def check_bad(bad: np.ndarray, n: int, path_of: Callable[[int], str], skip_bad: 
         raise DataError(f"unreadable image {first} ({_why_unreadable(first)}){more}; fix or "
                         f"remove it, or pass --skip-bad-images to train without it")
     if bad.size:
-        print(f"warning: skipped {bad.size} unreadable image(s) of {n} (left as zeros), e.g. {path_of(int(bad[0]))}",
-              file=sys.stderr, flush=True)
+        _logger.warning(f"warning: skipped {bad.size} unreadable image(s) of {n} (left as zeros), "
+                        f"e.g. {path_of(int(bad[0]))}")
 
 
 def resized(path: str, size: int) -> Image.Image:

@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import logging
 import os
 import posixpath
 import re
@@ -42,7 +43,10 @@ from pathlib import Path
 
 from wsml.data import prepare
 from wsml.errors import DataError, WSMLError
+from wsml.logs import show_on_stderr
 from wsml.progress import Progress
+
+_logger = logging.getLogger(__name__)
 
 BASE_URL_ENV = "WSML_DOWNLOAD_BASE_URL"
 CHUNK = 1 << 20
@@ -116,10 +120,6 @@ MANUAL = {
 }
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def verify(path: Path, archive: Archive) -> None:
     """Size then checksum; a mismatch raises DataError."""
     size = path.stat().st_size
@@ -159,7 +159,7 @@ def _download_into(part: Path, url: str, archive: Archive) -> None:
         raise
     with response:
         if have and response.status != 206:
-            _log(f"{url} ignored the Range request; starting {archive.file_name} over")
+            _logger.info(f"{url} ignored the Range request; starting {archive.file_name} over")
             have = 0
         total = _total_size(response, have)
         if archive.size is not None and total is not None and total != archive.size:
@@ -167,7 +167,7 @@ def _download_into(part: Path, url: str, archive: Archive) -> None:
                 f"{url} is {total} bytes but the official {archive.file_name} is {archive.size}; "
                 f"check --base-url, or pass --expect {archive.file_name}=ALGO:HEX for a repacked mirror"
             )
-        _log(f"downloading {archive.file_name} from {url}" + (f", resuming at byte {have}" if have else ""))
+        _logger.info(f"downloading {archive.file_name} from {url}" + (f", resuming at byte {have}" if have else ""))
         with open(part, "ab" if have else "wb") as out, \
                 Progress(total, f"  {archive.file_name}", "B", initial=have) as shown:
             while block := response.read(CHUNK):
@@ -198,7 +198,7 @@ def fetch(archive: Archive, raw: Path, url: str, *, tries: int = 5, backoff_s: f
         except (OSError, http.client.HTTPException) as err:
             if attempt == tries:
                 raise DataError(f"downloading {url} failed {tries} times ({err}); rerun to resume from {part}") from None
-        _log(f"download of {archive.file_name} interrupted; retry {attempt} of {tries - 1}")
+        _logger.info(f"download of {archive.file_name} interrupted; retry {attempt} of {tries - 1}")
         time.sleep(min(backoff_s**attempt, 60))
     try:
         verify(part, archive)
@@ -257,7 +257,7 @@ def extract(path: Path, into: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _log(f"extracting {path.name}")
+        _logger.info(f"extracting {path.name}")
         if tarfile.is_tarfile(path):
             with tarfile.open(path) as tar:
                 tar.extractall(tmp, filter="data")
@@ -332,6 +332,7 @@ def main(argv=None) -> int:
         "--expect", action="append", default=[], metavar="FILE=ALGO:HEX", help="replace an archive's listed checksum and size"
     )
     args = parser.parse_args(argv)
+    show_on_stderr()
     try:
         if args.dataset not in MANUAL and not args.dest:
             raise DataError("--dest is required: the folder to write the formatted data set to")

@@ -284,13 +284,28 @@ def write_formatted(
             shutil.rmtree(tmp)
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _load(root: Path, name: str) -> np.ndarray:
     path = root / name
     if not path.is_file():
         raise DataError(f"{path} is missing; {PREPARE_HINT}")
+    # a file cut while written or copied (a full disk, a copy stopped half-way): told as such, not taken
+    # for a pickle (numpy's guess for a file without the .npy magic) or left to numpy's EOFError
+    with open(path, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+    if not head:
+        raise DataError(f"{path} is empty (0 bytes): it was cut while written or copied; copy it again or "
+                        f"{PREPARE_HINT}")
+    if head != _NPY_MAGIC:
+        what = "cut short" if _NPY_MAGIC.startswith(head) else "not a readable .npy file (no .npy header)"
+        raise DataError(f"{path} is {what}; copy it again or {PREPARE_HINT}")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as err:
+    except (EOFError, ValueError) as err:
+        if "EOF" in str(err) or "mmap length" in str(err) or isinstance(err, EOFError):
+            raise DataError(f"{path} is cut short ({err}); copy it again or {PREPARE_HINT}") from None
         if "allow_pickle" in str(err) or "Python objects" in str(err):
             raise DataError(
                 f"{path} is an object array; re-save it as a unicode array: np.save(path, np.asarray(paths, dtype=str))"

@@ -12,19 +12,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from wsml.config import EXPECTED_POSITIVES, TrainConfig
+from wsml.config import EXPECTED_POSITIVES, TrainConfig, filled
 from wsml.data.protocol import observe_single_positive, split_train_val
 from wsml.errors import TooManySkipped
 
 if TYPE_CHECKING:     # the caches are imported when they are read (PIL, filelock)
     from wsml.data.cache import ImageArray
-    from wsml.data.compact import CompactImages
-
-_T = TypeVar("_T")
+    from wsml.data.compact_images import CompactImages
 
 # `image_cache: auto` keeps raw uint8 pixels up to this size (train + test images), JPEG shards
 # above. From the page cache, raw pixels cost ~20x less CPU than decoding JPEGs (bench/loader.py),
@@ -74,15 +72,8 @@ def load_data(cfg: TrainConfig) -> WSMLData:
     return _load_digits(cfg) if cfg.dataset == "digits" else _load_formatted(cfg)
 
 
-def _filled(value: _T | None, name: str) -> _T:
-    """A setting that `TrainConfig.resolve()` fills in: every function here reads a resolved config."""
-    if value is None:
-        raise ValueError(f"TrainConfig.{name} is unset: resolve() the configuration first")
-    return value
-
-
 def _data_root(cfg: TrainConfig) -> Path:
-    return Path(_filled(cfg.data_root, "data_root"))
+    return Path(filled(cfg.data_root, "data_root"))
 
 
 @dataclass
@@ -221,13 +212,13 @@ def image_cache_format(cfg: TrainConfig, num_images: int) -> str:
     """`raw` or `compact`: the configured one, or for `auto` the one the data set's size calls for."""
     if cfg.image_cache != "auto":
         return cfg.image_cache
-    size = _filled(cfg.image_size, "image_size")
+    size = filled(cfg.image_size, "image_size")
     raw_bytes = num_images * size * size * 3
     return "raw" if raw_bytes <= RAW_CACHE_MAX_BYTES else "compact"
 
 
 def image_cache_root(cfg: TrainConfig) -> Path:
-    return Path(_filled(cfg.cache_dir, "cache_dir")) / "images"
+    return Path(filled(cfg.cache_dir, "cache_dir")) / "images"
 
 
 def compact_plans(cfg: TrainConfig) -> list:
@@ -243,20 +234,20 @@ def compact_plans(cfg: TrainConfig) -> list:
     raw = read_formatted(_data_root(cfg))
     if image_cache_format(cfg, len(raw.train_paths) + len(raw.val_paths)) != "compact":
         return []
-    size = _filled(cfg.image_size, "image_size")
+    size = filled(cfg.image_size, "image_size")
     return [plan(paths, size, image_cache_root(cfg), image_root=str(raw.image_root))
             for paths in (raw.train_paths, raw.val_paths)]
 
 
 def _load_formatted(cfg: TrainConfig) -> WSMLData:
     from wsml.data.cache import load_image_cache
-    from wsml.data.compact import load_compact_cache
+    from wsml.data.compact_images import load_compact_cache
     from wsml.data.formats import read_formatted
 
     raw = read_formatted(_data_root(cfg))
     compact = image_cache_format(cfg, len(raw.train_paths) + len(raw.val_paths)) == "compact"
     labels = _protocol_labels(cfg, raw.train_labels, raw.val_labels, raw.train_labels_obs)
-    size = _filled(cfg.image_size, "image_size")
+    size = filled(cfg.image_size, "image_size")
 
     def images(split: str):
         if compact:  # paths stay relative (memory-mapped) for millions of images

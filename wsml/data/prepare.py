@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ import pandas as pd
 
 from wsml.data import formats
 from wsml.errors import DataError, WSMLError
+from wsml.logs import show_on_stderr
+
+_logger = logging.getLogger(__name__)
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -84,10 +88,6 @@ class Built:
     val_images: list[str]
     val_labels: np.ndarray
     train_labels_obs: np.ndarray | None = None
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def _pick(source: Path, candidates: list[Path], probe: Path, shown: Path, hint: str) -> Path:
@@ -259,7 +259,7 @@ def build_cub(source: Path) -> Built:
         raise DataError(f"{labels_path} has is_present {present[~np.isin(present, (0, 1))][0]}, expected 0 or 1; {hint}")
     if len(table) != len(image_ids) * len(class_names):
         expected = f"{len(image_ids)} x {len(class_names)}"
-        _warn(f"{labels_path} has {len(table)} lines, expected {expected}; missing entries count as absent")
+        _logger.warning(f"warning: {labels_path} has {len(table)} lines, expected {expected}; missing entries count as absent")
     labels = np.zeros((len(image_ids), len(class_names)), dtype=np.int8)
     labels[row_of[image], attribute - 1] = present
 
@@ -329,7 +329,7 @@ def prepare(dataset: str, source, dest) -> Path:
         ("official val images", len(built.val_images), n_val),
     ):
         if want is not None and got != want:
-            _warn(f"{dataset}: {got} {what}, the official data set has {want}")
+            _logger.warning(f"warning: {dataset}: {got} {what}, the official data set has {want}")
     dest = Path(dest).absolute()
     formats.write_formatted(
         dest,
@@ -351,6 +351,7 @@ def main(argv=None) -> int:
     parser.add_argument("--source", required=True, help="folder of the official download (see the module docstring)")
     parser.add_argument("--dest", required=True, help="output folder for formatted_*.npy and meta.json")
     args = parser.parse_args(argv)
+    show_on_stderr()
     try:
         dest = prepare(args.dataset, args.source, args.dest)
         data = formats.read_formatted(dest)
