@@ -169,6 +169,40 @@ class SweepProcess:
         self._err.close()
 
 
+def kill_at_epoch(proc: subprocess.Popen, exp_dir: Path, epoch: int, log: Path, timeout: float = 300) -> None:
+    """SIGKILL the sweep `proc` once one of its trials has reported `epoch` (mid-sweep, Tune's state naming a
+    checkpoint), and wait for it; fail the test if none does within `timeout` or the sweep ends first."""
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            counts = [len(Path(f).read_text().splitlines()) for f in glob.glob(str(exp_dir / "*/result.json"))]
+            if epoch in counts:
+                break
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no trial reached epoch {epoch} within {timeout:.0f} s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def trial_result(epoch: int, seconds_per_epoch: float = 2.0) -> dict:
+    """A trial's report for `epoch` as Tune hands it to the MLflow callback (made-up, increasing values)."""
+    return {"epoch": epoch, "val_map": 10.0 + epoch, "train_loss": 1.0 / epoch, "best_val_map": 10.0 + epoch,
+            "best_epoch": epoch, "test_map_at_best": 20.0 + epoch, "train_seconds": seconds_per_epoch * epoch,
+            "node_id": "n1", "device": "cpu", "restored_from_epoch": 0}
+
+
+def checkpoint_saver(folder: Path):
+    """An on_epoch callback of `wsml.train.run` that saves each epoch's state as <folder>/epoch<N>.pt."""
+    from wsml.checkpoint import save_checkpoint
+
+    def on_epoch(report, get_state):
+        save_checkpoint(folder / f"epoch{report.epoch}.pt", get_state())
+    return on_epoch
+
+
 def rows_by_trial(exp_dir: Path) -> dict[str, list[dict]]:
     """Ray's result.json rows of each trial, also while the sweep runs (a line being written is skipped)."""
     out = {}

@@ -260,7 +260,7 @@ def test_a_sweep_on_the_head_without_address_joins_the_cluster_and_leaves_no_tok
 
     # the sweep's own Ray (no RAY_AUTH_MODE set, as for a user): started, used, nothing left in ~/.ray
     own = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    script = ("import ray\nfrom orchestration import cluster\nassert cluster.connect(None)\n"
+    script = ("import ray\nfrom orchestration.cluster import connect as cluster\nassert cluster.connect(None)\n"
               "assert ray.get(ray.remote(lambda: 42).remote()) == 42\nray.shutdown()\n")
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=own, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -633,7 +633,8 @@ def test_launches_refused_at_once_fall_back_to_the_spot_type(tmp_path):
              "vCPU capacity than your current vCPU limit of 0 allows")
     fake = FakeAutoscalingCluster(workers, upscaling_speed=real["upscaling_speed"], max_workers=real["max_workers"],
                                   refuse={"gpu_1x": quota})
-    script = ("import ray\nfrom orchestration import cluster\nray.init(address=%r)\n"
+    script = ("import ray\nfrom orchestration.cluster import connect as cluster\nfrom wsml.logs import show_on_console\n"
+              "show_on_console('orchestration')\nray.init(address=%r)\n"
               "print('resources', cluster.trial_resources(1, 1, remote=True, at_once=2))\n"
               "print('gpu nodes', sorted(k for n in ray.nodes() if n['Alive'] and n['Resources'].get('GPU')\n"
               "                          for k in n['Resources'] if k.startswith('wsml_type_')))\n"

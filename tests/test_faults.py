@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (MlflowServer, SweepProcess, history, mlflow_runs, ray_trials, rows_by_trial,
-                           write_space)
+                           trial_result, write_space)
 
 
 def by_epoch(rows: list[dict]) -> dict[int, float]:
@@ -307,11 +307,6 @@ class _FlakyClient:
         return call
 
 
-def _result(epoch: int) -> dict:
-    return {"epoch": epoch, "val_map": 10.0 + epoch, "train_loss": 1.0 / epoch, "best_val_map": 10.0 + epoch,
-            "best_epoch": epoch, "test_map_at_best": 20.0 + epoch, "train_seconds": 10.0 * epoch,
-            "node_id": "n1", "device": "cpu", "restored_from_epoch": 0}
-
 
 def test_callback_buffers_while_the_store_is_down(tmp_path, capfd):
     from mlflow import MlflowClient
@@ -329,15 +324,15 @@ def test_callback_buffers_while_the_store_is_down(tmp_path, capfd):
     flaky = cb._client = _FlakyClient(real)
     a, b = _Trial("a", 1), _Trial("b", 2)
     cb.log_trial_start(a)                                   # a's run exists before the outage
-    cb.log_trial_result(0, a, _result(1))
+    cb.log_trial_result(0, a, trial_result(1, 10.0))
 
     flaky.down = True
-    cb.log_trial_result(0, a, _result(2))                   # queued
+    cb.log_trial_result(0, a, trial_result(2, 10.0))                   # queued
     cb.log_trial_start(b)                                   # b's run cannot even be created
-    cb.log_trial_result(0, b, _result(1))
+    cb.log_trial_result(0, b, trial_result(1, 10.0))
     b.num_failures = 1
     cb.log_trial_start(b)                                   # Tune restarts it after a failure
-    cb.log_trial_result(0, b, _result(1))                   # a repeated epoch: queued once
+    cb.log_trial_result(0, b, trial_result(1, 10.0))                   # a repeated epoch: queued once
     for _ in range(3):
         cb.outbox.flush()                                   # retries, still down
     assert len(store.find_runs(real, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})) == 1
@@ -357,9 +352,9 @@ def test_callback_buffers_while_the_store_is_down(tmp_path, capfd):
 
     # down again, failing half-way through the end of `a` (its metrics and tag got through)
     for e in (2, 3):
-        b.last_result = _result(e)
+        b.last_result = trial_result(e, 10.0)
         cb.log_trial_result(0, b, b.last_result)
-    a.last_result = _result(3)
+    a.last_result = trial_result(3, 10.0)
     cb.log_trial_result(0, a, a.last_result)
     flaky.down, flaky.fail_in = True, 2
     cb.log_trial_end(a)
@@ -386,7 +381,7 @@ def test_callback_buffers_while_the_store_is_down(tmp_path, capfd):
     c = _Trial("c", 3)
     cb.log_trial_start(c)
     flaky.down = True
-    cb.log_trial_result(0, c, _result(1))
+    cb.log_trial_result(0, c, trial_result(1, 10.0))
     t0 = time.monotonic()
     assert cb.finish(wait_s=1) == 2                         # c's epoch and its end (KILLED: never ended)
     assert time.monotonic() - t0 < 10

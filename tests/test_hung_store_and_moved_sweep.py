@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (MlflowServer, SweepProcess, history, mlflow_runs, ray_trials, rows_by_trial, run_cli,
-                           write_space)
+                           trial_result, write_space)
 
 
 # =================================================================== 5. a hung store
@@ -55,11 +55,6 @@ class _Trial:
         return ""
 
 
-def _result(epoch: int) -> dict:
-    return {"epoch": epoch, "val_map": 10.0 + epoch, "train_loss": 1.0 / epoch, "best_val_map": 10.0 + epoch,
-            "best_epoch": epoch, "test_map_at_best": 20.0 + epoch, "train_seconds": 2.0 * epoch,
-            "node_id": "n1", "device": "cpu", "restored_from_epoch": 0}
-
 
 def test_the_callbacks_hooks_never_wait_on_a_store_that_hangs(tmp_path, capfd):
     from mlflow import MlflowClient
@@ -75,13 +70,13 @@ def test_the_callbacks_hooks_never_wait_on_a_store_that_hangs(tmp_path, capfd):
     hung = cb._client = _HungClient(real)
     a = _Trial("a", 1)
     cb.log_trial_start(a)
-    cb.log_trial_result(0, a, _result(1))
+    cb.log_trial_result(0, a, trial_result(1))
     assert cb.outbox.drain(30) == 0                          # delivered while the store answers
 
     hung.go.clear()                                          # the store hangs: every call waits 2 s
     t0 = time.monotonic()
     for e in range(2, 7):
-        a.last_result = _result(e)
+        a.last_result = trial_result(e)
         cb.log_trial_result(0, a, a.last_result)
     cb.log_trial_end(a)
     spent = time.monotonic() - t0
@@ -100,7 +95,7 @@ def test_the_callbacks_hooks_never_wait_on_a_store_that_hangs(tmp_path, capfd):
     cb.log_trial_start(b)
     hung.hang_s = 3600
     hung.go.clear()
-    cb.log_trial_result(0, b, _result(1))
+    cb.log_trial_result(0, b, trial_result(1))
     t0 = time.monotonic()
     assert cb.finish(wait_s=2) >= 1                          # b's epoch and its end (KILLED) at least
     assert time.monotonic() - t0 < 10

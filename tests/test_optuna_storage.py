@@ -7,14 +7,11 @@ journal opened in optuna-dashboard.
 """
 from __future__ import annotations
 
-import glob
 import json
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from orchestration.search import known, per_scheme, study
 from orchestration.search.space import Group, load_space
-from tests.helpers import SWEEP, clean_env, free_port, poll, ray_trials, run_cli, write_space
+from tests.helpers import SWEEP, clean_env, free_port, kill_at_epoch, poll, ray_trials, run_cli, write_space
 
 LLR = Group("LL-R", "end-to-end")
 
@@ -155,19 +152,7 @@ def test_sweep_studies_in_the_journal_resumed_and_in_optuna_dashboard(tmp_path, 
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=tmp_path, env=clean_env(),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:                                            # killed mid-trial, its studies half told
-            deadline = time.time() + 300
-            while time.time() < deadline:
-                counts = [len(Path(f).read_text().splitlines()) for f in glob.glob(str(exp_dir / "*/result.json"))]
-                if 3 in counts:
-                    break
-                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                time.sleep(0.2)
-            else:
-                pytest.fail("no trial reached epoch 3 within 300 s")
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        kill_at_epoch(proc, exp_dir, 3, tmp_path / "first.log")     # killed mid-trial, its studies half told
     assert set(journal_studies(journal)) == {"os/LL-R/end-to-end", "os/LL-Ct/end-to-end"}
 
     r = run_cli(["--dataset", "digits", "--name", "os", "--resume", "--address", ray_address], cwd=tmp_path)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from wsml.checkpoint import load_checkpoint, save_checkpoint
+from wsml.checkpoint import load_checkpoint
 from wsml.config import TrainConfig
 from wsml.spml_losses import apl_params, apl_per_class_count, apl_update
 from wsml.train import run
 from wsml.trainer import Trainer
 
-from tests.helpers import run_cli
+from tests.helpers import checkpoint_saver, run_cli
 
 SMALL = dict(dataset="digits", max_train_images=256, num_workers=0, device="cpu")
 
@@ -61,15 +61,10 @@ def test_em_apl_resumed_after_an_epoch_equals_an_uninterrupted_run(tmp_path):
     bit for bit, as the run that was never stopped (the update after epoch 3 happens in the resumed run)."""
     cfg = TrainConfig(scheme="EM+APL", epochs=4, apl_warmup_epoch=2, stop_drop=None, **SMALL)
 
-    def saver(folder):
-        def on_epoch(report, get_state):
-            save_checkpoint(tmp_path / folder / f"epoch{report.epoch}.pt", get_state())
-        return on_epoch
-
-    full = run(cfg, saver("full"), log=None)
+    full = run(cfg, checkpoint_saver(tmp_path / "full"), log=None)
     after_two = load_checkpoint(tmp_path / "full" / "epoch2.pt")
     assert (~after_two["soft_labels"].isnan()).any()
-    resumed = run(cfg, saver("resumed"), resume_state=after_two, log=None)
+    resumed = run(cfg, checkpoint_saver(tmp_path / "resumed"), resume_state=after_two, log=None)
     for key in ("val_map", "train_loss", "modified_frac", "test_map_at_best"):     # the timings differ
         assert [h[key] for h in resumed.history] == [h[key] for h in full.history], key
     assert resumed.test_map == full.test_map and len(resumed.history) == 4

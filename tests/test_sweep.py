@@ -8,7 +8,6 @@ from __future__ import annotations
 import glob
 import pickle
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SWEEP, clean_env, free_port, history, mlflow_runs, ray_trials, run_cli, write_space
+from tests.helpers import SWEEP, clean_env, free_port, history, kill_at_epoch, mlflow_runs, ray_trials, run_cli, write_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(900)]
 
@@ -135,18 +134,8 @@ def test_resume_after_driver_killed(tmp_path, ray_address):
     try:
         # Kill once a trial is past the grace period and mid-run (3 of 4 epochs reported, so
         # Tune's experiment state already names one of its checkpoints).
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            counts = [len(Path(f).read_text().splitlines()) for f in glob.glob(str(exp_dir / "*/result.json"))]
-            if 3 in counts:
-                break
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.2)
-        else:
-            pytest.fail("no trial reached epoch 3 within 300 s")
+        kill_at_epoch(proc, exp_dir, 3, tmp_path / "first.log")
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
         log.close()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     before = mlflow_runs(uri, "rs")

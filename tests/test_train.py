@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from tests.helpers import checkpoint_saver
 import torch
 
 from wsml.checkpoint import load_checkpoint, save_checkpoint
@@ -168,16 +170,11 @@ def test_role_linear_init_resume_matches_an_uninterrupted_run(tmp_path):
     cfg = TrainConfig(scheme="ROLE", mode="linear-init", linear_init_epochs=2, cache_dir=str(tmp_path),
                       stop_drop=None, **SMALL)
 
-    def saver(folder):
-        def on_epoch(report, get_state):
-            save_checkpoint(tmp_path / folder / f"epoch{report.epoch}.pt", get_state())
-        return on_epoch
-
-    full = run(cfg, saver("full"), log=None)
+    full = run(cfg, checkpoint_saver(tmp_path / "full"), log=None)
     after_two = load_checkpoint(tmp_path / "full" / "epoch2.pt")
     init = _role_trainer(tmp_path).estimator.detach()
     assert after_two["estimator"].shape == init.shape and not torch.equal(after_two["estimator"], init)
-    resumed = run(cfg, saver("resumed"), resume_state=after_two, log=None)
+    resumed = run(cfg, checkpoint_saver(tmp_path / "resumed"), resume_state=after_two, log=None)
     assert [h["val_map"] for h in resumed.history] == [h["val_map"] for h in full.history]
     assert resumed.test_map == full.test_map
     final, final_resumed = (load_checkpoint(tmp_path / d / "epoch3.pt") for d in ("full", "resumed"))
