@@ -182,8 +182,8 @@ def tpe_sampler(seed: int, share: int):
     the bench's share of 20) 0.30 / 0.42, RandomSampler 0.37 / 0.46; a tenth of the share 0.27 / 0.38,
     constant_liar off 0.26 / 0.38 and multivariate off 0.27 / 0.36 are within the seeds' noise there
     (about 3 trials of a study in flight). With every trial proposed at once (max_concurrent =
-    num_samples; the default is the cluster's slots, cluster/slots.py) every proposal precedes every
-    result and TPE is random search (0.37 / 0.46).
+    num_samples, the default) every proposal precedes every result and TPE is random search
+    (0.37 / 0.46).
     """
     from optuna.samplers import TPESampler
 
