@@ -15,9 +15,9 @@ scheduler (`orchestration.search.per_scheme.build`: one Optuna study and one Ray
 called as Tune calls them (`suggest`, `on_trial_add`, `on_trial_result`,
 `on_trial_complete`) with minimal trial stand-ins. `--gpus` trials run at
 once, each reporting one epoch per time step (every configuration's epoch
-takes as long); the searcher proposes every trial at once (the sweep's
-default `max_concurrent`, num_samples; variant token `gpus`: as many as run
-at once). Nothing of TPE or ASHA is re-implemented here.
+takes as long); the searcher proposes as many trials as run at once (the
+sweep's default `max_concurrent`, orchestration/cluster/slots.py; variant
+token `all`: every trial at once). Nothing of TPE or ASHA is re-implemented here.
 
 The measure, per scheme: epochs spent on that scheme's trials (in the order
 results arrive) up to the first result within 1 mAP (validation, best_val_map)
@@ -134,7 +134,7 @@ class Variant:
     asha: bool = True
     grace_period: int | None = None     # None: the space file's
     reduction_factor: float | None = None
-    ahead: str = "all"                  # proposals ahead of results: all (num_samples, the default) or gpus
+    ahead: str = "gpus"                 # proposals ahead of results: gpus (the default: cluster/slots.py) or all
     startup_share: float | None = None  # study.STARTUP_SHARE instead of the shipped one
 
 
@@ -149,8 +149,8 @@ def variant_of(name: str) -> Variant:
     """A named variant, or a what-if: '+'-joined tokens over the shipped settings: random, tpe (Optuna's
     defaults, the sampler shipped before), liar / liar0 (constant_liar on / off), mv / mv0 (multivariate),
     s<N> (n_startup_trials N), sh<P> (n_startup_trials P % of a study's share, study.STARTUP_SHARE),
-    noasha, g<N> (grace period), rf<N> (reduction factor), gpus (proposed only as trials start:
-    max_concurrent = GPUs, not num_samples), all (every trial at once, as shipped)."""
+    noasha, g<N> (grace period), rf<N> (reduction factor), all (every trial proposed at once:
+    max_concurrent = num_samples, the default before proposing as slots free), gpus (as shipped)."""
     if name in VARIANTS:
         return VARIANTS[name]
     v, tpe = Variant(name), {}

@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space file's num_samples)")
     p.add_argument("--max-concurrent", type=int,
                    help="trials proposed and pending at once, so an autoscaler starts every node they need "
-                        "together (default: the space file's max_concurrent, else num_samples; the trials the cluster runs "
-                        "at once searches better, docs/sweeps.md)")
+                        "together (default: the space file's max_concurrent, else the trials the cluster can run at once, "
+                        "counting the workers its autoscaler may start)")
     p.add_argument("--epochs", type=int, help="epochs per trial, ASHA's max_t (default: the space file's)")
     p.add_argument("--name", help="sweep name: Ray experiment folder and MLflow experiment "
                                   "(default <dataset>-<YYYYmmdd-HHMMSS>; with --resume: the latest sweep of the data set)")

@@ -389,6 +389,51 @@ def test_callback_buffers_while_the_store_is_down(tmp_path, capfd):
     assert "could not be reached for 1 s: 2 logging call(s) of 1 trial run(s) not delivered" in err
 
 
+def test_runs_a_killed_driver_could_not_end_are_completed_from_tunes_record(tmp_path):
+    """A driver SIGKILLed after Tune recorded a trial's end but before its outbox sent it: the resumed
+    driver never starts that trial again, so at the experiment's end its run gets the epochs it lacks
+    (from result.json) and its end; a run that did end is left as it is."""
+    import pyarrow.fs
+    from mlflow import MlflowClient
+
+    from orchestration import common as T
+    from orchestration.tracking import store
+    from orchestration.tracking.mlflow_callback import MLflowTrialLogger
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    real = MlflowClient(uri)
+    exp, parent = store.start_parent(real, "killed", "digits", {"command": "x"}, resume=False)
+    trials = {tid: _Trial(tid, i) for i, tid in enumerate("abc")}
+    first = MLflowTrialLogger(uri, exp, parent, "killed", "digits", T.ROLE_TRIAL, epochs=3)
+    first.outbox.background = False
+    for tid, t in trials.items():
+        t.path = str(tmp_path / tid)
+        t.storage = type("Storage", (), {"storage_filesystem": pyarrow.fs.LocalFileSystem()})
+        os.makedirs(t.path)
+        rows = [{**trial_result(e), "timestamp": 1_700_000_000 + e} for e in (1, 2, 3)]
+        Path(t.path, "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        first.log_trial_start(t)
+        first.log_trial_result(0, t, rows[0])
+        t.last_result = rows[-1]
+    first.log_trial_result(0, trials["c"], trial_result(2))
+    first.log_trial_result(0, trials["c"], trial_result(3))
+    first.log_trial_end(trials["c"])            # c's end got through; a's and b's did not
+    trials["a"].status, trials["b"].status, trials["c"].status = "TERMINATED", "ERROR", "TERMINATED"
+    trials["b"].error_file = None
+
+    resumed = MLflowTrialLogger(uri, exp, parent, "killed", "digits", T.ROLE_TRIAL, epochs=3)
+    resumed.outbox.background = False
+    resumed.on_experiment_end(list(trials.values()))
+    assert resumed.finish(wait_s=1) == 0
+    runs = {r.data.tags[T.TAG_TRIAL_ID]: r for r in store.find_runs(real, exp, **{T.TAG_ROLE: T.ROLE_TRIAL})}
+    assert (runs["a"].info.status, runs["a"].data.tags[T.TAG_STATUS_REASON]) == ("FINISHED", "completed")
+    assert runs["b"].info.status == "FAILED" and "RuntimeError: boom" in runs["b"].data.tags[T.TAG_STATUS_REASON]
+    for tid in "abc":
+        assert [s for s, _ in history(uri, runs[tid].info.run_id)] == [1, 2, 3], tid     # each epoch once
+        assert len(real.get_metric_history(runs[tid].info.run_id, T.TEST_MAP)) == 1, tid
+    assert runs["a"].data.metrics[T.TEST_MAP] == trial_result(3)["test_map_at_best"]
+
+
 def test_outbox_order_retry_and_refusal_without_tune(capfd):
     """The outbox alone, with calls that fail like a store that is down, then refuse."""
     from orchestration.tracking.outbox import Outbox

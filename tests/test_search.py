@@ -59,3 +59,21 @@ def test_proposals_in_flight_stay_running_in_their_study_for_the_liar_to_see(tmp
         running = s._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         assert len(running) == 3
 
+
+def test_slots_count_alive_nodes_and_the_workers_an_autoscaler_may_start():
+    """The default max_concurrent (orchestration/cluster/slots.py): trials a node holds by CPUs and GPUs, and
+    per worker type `max_workers` nodes, the largest first, within the cluster's `max_workers`."""
+    from orchestration.cluster import slots
+
+    assert slots.fits({"CPU": 8, "GPU": 4}, cpus=2, gpus=1) == 4          # GPUs bind
+    assert slots.fits({"CPU": 8, "GPU": 4}, cpus=4, gpus=1) == 2          # CPUs bind
+    assert slots.fits({"CPU": 8}, cpus=1, gpus=1) == 0                    # no GPU: no GPU trial
+    assert slots.fits({"CPU": 8, "GPU": 1}, cpus=0, gpus=0.5) == 2
+    config = {"head_node_type": "head", "max_workers": 3, "available_node_types": {
+        "head": {"resources": {"CPU": 8}, "max_workers": 0},
+        "gpu_4x": {"resources": {"CPU": 32, "GPU": 4}, "max_workers": 2},
+        "gpu_1x": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 5},
+        "cpu": {"resources": {"CPU": 16}, "max_workers": 4}}}
+    assert slots.autoscaled(config, cpus=4, gpus=1) == 4 + 4 + 1          # 3 nodes: two 4x, one 1x
+    assert slots.autoscaled(config, cpus=4, gpus=0) == 8 + 8 + 4          # CPU trials: the largest nodes
+    assert slots.autoscaled(None, cpus=1, gpus=1) == 0                    # no autoscaler: what is alive

@@ -237,18 +237,18 @@ def test_max_concurrent_defaults_to_num_samples_and_is_checked(tmp_path):
 def test_the_tuner_keeps_max_concurrent_trials_pending(tmp_path):
     """Tune keeps as many trials pending as the searcher may propose: the autoscaler sees all their demand."""
     from ray.tune.execution.tune_controller import _get_max_pending_trials
-    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+    from ray.tune.search import SearchGenerator
 
     from orchestration.run import tuner
 
     s = with_overrides(load_space("digits", write(tmp_path, GOOD)), max_concurrent=5)
     t = tuner.build(s, name="t", storage=str(tmp_path), trainable=lambda c: None, resources={"cpu": 1},
                     param_space={}, num_samples=s.num_samples, search=True)
-    assert t._local_tuner._tune_config.max_concurrent_trials == 5
+    limited = t._local_tuner._tune_config.search_alg
+    assert limited.max_concurrent == 5
+    # what tune.run makes of it (a SearchGenerator), and what Ray 2.60's "auto" then keeps pending
+    assert _get_max_pending_trials(SearchGenerator(limited)) == 5
     searcher, _ = tuner.searcher_and_scheduler(s)
-    # what tune.run makes of it, and what Ray 2.60's "auto" then keeps pending
-    limited = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=s.concurrency))
-    assert _get_max_pending_trials(limited) == 5
     assert _get_max_pending_trials(SearchGenerator(searcher)) == 1     # without the limit: one at a time
 
 

@@ -168,6 +168,64 @@ def test_resume_after_driver_killed(tmp_path, ray_address):
     assert len(again.stderr.strip().splitlines()) == 1
 
 
+def test_resume_after_a_kill_between_tunes_trials_and_its_searcher_makes_no_extra_trial(tmp_path, ray_address):
+    """Tune saves its trials, then its searcher: a driver killed between the two leaves trials the searcher
+    never saw. Made here by putting back an earlier searcher state after the kill; --resume must adopt
+    those trials (no more than num_samples in all, each trained once, its result told to its study)."""
+    import optuna
+
+    space = write_space(tmp_path / "space.yaml", num_samples=6, epochs=4)
+    args = ["--dataset", "digits", "--space", str(space), "--name", "win", "--address", ray_address,
+            "--max-concurrent", "2"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=tmp_path, env=clean_env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    exp_dir = tmp_path / "ray_results" / "win"
+
+    def counter() -> tuple[int, dict]:
+        files = {Path(f).name: Path(f).read_bytes() for pattern in ("search_gen_state-*.json", "searcher-state-*.pkl")
+                 for f in glob.glob(str(exp_dir / pattern))}
+        gen = [pickle.loads(v) for k, v in files.items() if k.endswith(".json")]     # Tune pickles it
+        return (gen[0]["counter"] if gen and len(files) == 2 else 0), files
+
+    earlier = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            n, files = counter()
+            if n == 2 and earlier is None:
+                earlier = files                     # the searcher as saved with two trials made
+            if earlier is not None and n >= 3:
+                break
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        else:
+            pytest.fail("the searcher never saved a third trial")
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    for name, data in earlier.items():
+        (exp_dir / name).write_bytes(data)
+
+    r = run_cli(["--dataset", "digits", "--name", "win", "--resume", "--address", ray_address], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    trials = ray_trials(exp_dir)
+    assert len(trials) == 6, sorted(t["config"]["scheme"] for t in trials.values())
+    configs = [(t["config"]["scheme"], t["config"]["lr"], t["config"]["delta_rel"]) for t in trials.values()]
+    assert len(set(configs)) == 6                           # no configuration trained twice
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    children = mlflow_runs(uri, "win")["trial"]
+    assert sorted(c.data.tags["wsml.trial_id"] for c in children) == sorted(trials)
+    assert all(c.info.status == "FINISHED" for c in children)
+    # every trial's result reached its study: one COMPLETE or PRUNED Optuna trial per Tune trial
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(exp_dir / "optuna.journal")))
+    ended = [t for s in optuna.get_all_study_summaries(storage)
+             for t in optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)
+             if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(ended) == 6, [(t.number, t.state, t.params) for t in ended]
+
+
 # --------------------------------------------------- a real MLflow server
 def test_sweep_with_mlflow_server_and_local_ray(tmp_path, mlflow_server):
     uri = mlflow_server.url

@@ -211,6 +211,38 @@ def asked_trials(searcher) -> tuple[dict, set]:
     return searcher._ot_trials, searcher._completed_trials
 
 
+def adopt_asked(searcher, trial_id: str, ot_trial) -> None:
+    """Have an `OptunaSearch` hold `ot_trial` as the trial it asked for Tune's `trial_id` (in `_ot_trials`,
+    as `asked_trials` reads it), so that the trial's results reach its study as its own proposals' do."""
+    searcher._ot_trials[trial_id] = ot_trial
+
+
+def saved_trials(experiment_dir: str) -> list:
+    """The trials (Ray `Trial` objects: id, config, status, last result) in Tune's newest experiment state
+    file in the local folder `experiment_dir`; none where there is no such file.
+
+    Tune writes that file, then its searcher's state; a driver killed between the two leaves trials the
+    searcher's checkpoint never saw. Read as Ray 2.60's `TuneController.resume` reads it (the newest file
+    by name, `Trial.from_json_state`, `restore_run_metadata`).
+    """
+    import json
+
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.experiment.trial import Trial
+
+    path = _find_newest_experiment_checkpoint(experiment_dir)
+    if path is None:
+        return []
+    with open(path) as f:
+        state = json.load(f)
+    out = []
+    for trial_json, metadata in state["trial_data"]:
+        trial = Trial.from_json_state(trial_json, stub=True)
+        trial.restore_run_metadata(metadata)
+        out.append(trial)
+    return out
+
+
 def reopen_journal(storage, path: str) -> bool:
     """Point an Optuna journal storage restored from a pickle at its file `path` as found now; returns
     whether `storage` is a journal storage (an in-memory one holds its studies in the pickle).

@@ -19,6 +19,7 @@ from pathlib import Path
 
 
 from orchestration.cluster import connect as cluster
+from orchestration.cluster import slots
 from orchestration.cost import estimate
 from orchestration.search import final, known, study
 from orchestration.run import private, progress, record, tuner
@@ -72,11 +73,13 @@ def run_sweep(sweep: Plan) -> int:
             resources = sweep.previous.resources
         else:
             r = sweep.space.resources
+            if sweep.space.max_concurrent is None:   # propose as many trials as the cluster can run (cluster/slots.py)
+                sweep.concurrency = min(sweep.space.num_samples, slots.trial_slots(r.cpus_per_trial, r.gpus_per_trial))
             resources = cluster.trial_resources(r.cpus_per_trial, r.gpus_per_trial, remote=sweep.address is not None,
-                                                at_once=sweep.space.concurrency)
+                                                at_once=sweep.concurrency or sweep.space.concurrency)
         if sweep.address is not None and resources["gpu"] > 0:     # GPU nodes the autoscaler starts: watched
             watch = cluster.LaunchWatch(cluster.watch_launches(resources["cpu"], resources["gpu"],
-                                                               sweep.space.concurrency)).start()
+                                                               sweep.concurrency or sweep.space.concurrency)).start()
         cost = None if sweep.resume else _estimate_here(sweep, resources)
         # before the sweep's MLflow run exists: a set-up that fails here leaves its name free for the same command
         _build_image_cache(sweep)
@@ -142,6 +145,8 @@ def _sweep_params(sweep: Plan, resources: dict, cost: estimate.Estimate | None =
     out = {**sweep.space.summary(), "command": sweep.command, "git_commit": _git_commit(),
            "storage": sweep.path, "ray_address": sweep.address or "local", "resources": json.dumps(resources),
            PARAM_DATA: sweep.data_id or "not known where the driver ran"}
+    if sweep.concurrency is not None:
+        out["max_concurrent"] = str(sweep.concurrency)       # what the cluster's slots made of the open default
     if sweep.warm is not None:
         out["warm_start"] = ",".join(sweep.warm.sweeps) or "none found"
     return {**out, **(cost.params() if cost is not None else {})}
@@ -210,7 +215,8 @@ def _search_and_final(sweep: Plan, tracking: Tracking, resources: dict, started:
         search = tuner.build(space, name=sweep.name, storage=sweep.storage, trainable=train_trial,
                              resources=resources, param_space=base, num_samples=space.num_samples, search=True,
                              callbacks=[logger, *shown], reporter=reporter,
-                             known=sweep.warm.records if sweep.warm else None, marker=marker)
+                             known=sweep.warm.records if sweep.warm else None, marker=marker,
+                             max_concurrent=sweep.concurrency)
         # beside Ray's tuner.pkl (written just now): what --resume needs besides Ray's state
         record.write(sweep.storage, record.SweepRecord(
             dataset=space.dataset, name=sweep.name, space=space.to_dict(), mlflow_uri=sweep.uri,

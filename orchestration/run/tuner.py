@@ -9,12 +9,12 @@ grid (the final stage's (configuration, seed) points; the benchmarks' grid).
 The search is per scheme: each (scheme, mode) has its own share of the
 trials, its own TPE study and its own ASHA brackets.
 
-How many search trials pend at once is the space's `concurrency`
-(`max_concurrent`, default num_samples). With a searcher and no limit, Tune
-keeps ONE trial pending (`TUNE_MAX_PENDING_TRIALS_PG` "auto"), so an
-autoscaler sees one trial's demand at a time and adds nodes one by one. Given
-`max_concurrent_trials`, Tune wraps the searcher in a `ConcurrencyLimiter` and
-its "auto" keeps that many pending (`_get_max_pending_trials` in Ray 2.60's
+How many search trials pend at once is `max_concurrent` (the space's, or
+unset, the cluster's trial slots: cluster/slots.py). With a searcher and no
+limit, Tune keeps ONE trial pending (`TUNE_MAX_PENDING_TRIALS_PG` "auto"), so an
+autoscaler sees one trial's demand at a time and adds nodes one by one. With
+the searcher in a `ConcurrencyLimiter` (`per_scheme.Limiter`), its "auto" keeps
+that many pending (`_get_max_pending_trials` in Ray 2.60's
 tune_controller.py), so no environment variable is needed (one set by the user
 still wins). The final stage's grid has no searcher: Tune lets up to 200 of
 its trials pend.
@@ -49,18 +49,20 @@ def searcher_and_scheduler(space: SweepSpace, known=None, marker=None, experimen
 
 def build(space: SweepSpace, *, name: str, storage: str, trainable: Callable, resources: dict[str, float],
           param_space: dict[str, Any], num_samples: int, search: bool, callbacks: list | None = None,
-          reporter=None, verbose: int = 1, known=None, marker=None):
+          reporter=None, verbose: int = 1, known=None, marker=None, max_concurrent: int | None = None):
     """A Tuner for `name` under `storage`; `search` adds the sweep's searcher and scheduler (`known`,
-    `marker`: see `searcher_and_scheduler`), its studies in the Tuner's folder."""
+    `marker`: see `searcher_and_scheduler`), its studies in the Tuner's folder, proposing `max_concurrent`
+    trials ahead of results (None: the space's `concurrency`)."""
     from ray import tune
 
     searcher, scheduler = (searcher_and_scheduler(space, known, marker, f"{storage.rstrip('/')}/{name}", name)
                            if search else (None, None))
+    if searcher is not None:
+        searcher = per_scheme.Limiter(searcher, max_concurrent=max_concurrent or space.concurrency)
     return tune.Tuner(
         tune.with_resources(trainable, resources), param_space=param_space,
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                     num_samples=num_samples, reuse_actors=True,
-                                    max_concurrent_trials=space.concurrency if search else None,
                                     trial_dirname_creator=trial_config.dirname),
         run_config=tune.RunConfig(
             name=name, storage_path=storage,

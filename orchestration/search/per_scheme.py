@@ -19,6 +19,7 @@ sweep, its MLflow run and its results stay one.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 import optuna
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from orchestration.run import private
 from orchestration.common import EPOCH, ROLE_TRIAL, trial_outcome
@@ -79,8 +80,9 @@ def build(space, metric: str, mode: str, known: list[Known] | None = None, marke
     storages: dict[Group, Any] = {}
     journal = study.open_journal(experiment) if experiment is not None else None
     names = {g: study.study_name(sweep, g) for g in groups}
+    spaces: dict[Group, GroupSpace] = {}
     for i, g in enumerate(groups):
-        group_space = GroupSpace.of(space.search, g)
+        group_space = spaces[g] = GroupSpace.of(space.search, g)
         grid = group_space.grid()
         grids[g] = None if grid is None else [(v, group_space.optuna_params(v)) for v in grid]
         storages[g] = study_storage(group_space, by_group.get(g, []), journal, names[g])
@@ -95,7 +97,8 @@ def build(space, metric: str, mode: str, known: list[Known] | None = None, marke
     return (PerSchemeSearch(searchers, quota, metric, mode, epochs=space.epochs,
                             known=[r for r in known or [] if r.reusable], marker=marker, grids=grids,
                             storages=storages, seed=space.search_seed, names=names,
-                            journal=study.journal_path(experiment) if journal is not None and experiment else None),
+                            journal=study.journal_path(experiment) if journal is not None and experiment else None,
+                            spaces=spaces),
             PerSchemeScheduler(schedulers))
 
 
@@ -120,7 +123,8 @@ class PerSchemeSearch(Searcher):
     def __init__(self, searchers: dict[Group, Searcher], quota: dict[Group, int], metric: str, mode: str,
                  epochs: int = 0, known: list[Known] | None = None, marker=None,
                  grids: dict[Group, list | None] | None = None, storages: dict | None = None, seed: int = 0,
-                 names: dict[Group, str] | None = None, journal: str | None = None):
+                 names: dict[Group, str] | None = None, journal: str | None = None,
+                 spaces: dict[Group, GroupSpace] | None = None):
         super().__init__(metric=metric, mode=mode)
         self.searchers = searchers
         self.quota = quota
@@ -140,8 +144,10 @@ class PerSchemeSearch(Searcher):
         self.grids: dict[Group, list | None] = dict(grids or {})
         self.storages = dict(storages or {})     # each group's Optuna storage (its study: names[group])
         self.names = dict(names or {g: STUDY for g in searchers})    # each group's study
+        self.spaces = dict(spaces or {})         # each group's Optuna space (to place a trial in its study)
         self.journal = journal                   # the studies' journal file (None: in memory)
         self.settled: set[str] = set()           # asks whose trial had ended in the journal at --resume (restore)
+        self.in_flight: list[str] | None = None  # at --resume: the trials Tune runs again, for `Limiter`
         self.rng = np.random.default_rng(seed)   # which untried configuration replaces a repeated proposal
 
     @property
@@ -261,10 +267,42 @@ class PerSchemeSearch(Searcher):
                 setattr(self, k, state[k])
         for g, d in state["studies"].items():
             private.restore_searcher_state(self.searchers[g], d)
+        saved = private.saved_trials(os.path.dirname(checkpoint_path))
+        adopted = self._adopt(saved)
         for g, storage in self.storages.items():
+            mine = {t.trial_id: self.spaces[g].optuna_params(self.values[t.trial_id]) for t in adopted
+                    if self.owner[t.trial_id] == g}
+            places: dict[str, Any] = {}
             if self.journal is not None and private.reopen_journal(storage, self.journal):
                 asked, answered = private.asked_trials(self.searchers[g])
-                self.settled |= study.settle(storage, self.names[g], asked, answered)
+                done, places = study.settle(storage, self.names[g], asked, answered, mine)
+                self.settled |= done
+            for tid, params in mine.items():
+                place = places.get(tid) or study.running_trial(storage, self.names[g], params,
+                                                               self.spaces[g].distributions())
+                private.adopt_asked(self.searchers[g], tid, place)
+        for t in saved:
+            if t.status == "TERMINATED" and t.trial_id in self.training:   # ended since the checkpoint
+                self.on_trial_complete(t.trial_id, t.last_result or None)
+        if saved:           # Tune runs the others again (errored ones too: `tuner.restore`)
+            self.in_flight = [t.trial_id for t in saved if t.status != "TERMINATED"]
+
+    def _adopt(self, trials: list) -> list:
+        """Of the trials Tune saved (`private.saved_trials`), those this searcher's checkpoint predates: Tune
+        writes its trials, then its searcher, and a driver killed between the two leaves them unknown here.
+        Each counts against its group's share (else --resume hands Tune more than num_samples trials) and
+        is training. Returns them."""
+        out = []
+        for t in trials:
+            g = group_of(t.config)
+            if t.trial_id in self.owner or g not in self.searchers or g not in self.spaces:
+                continue
+            values = searched_values(t.config)
+            self.assigned[g] += 1
+            self.owner[t.trial_id], self.asked[t.trial_id], self.values[t.trial_id] = g, t.trial_id, values
+            self.training[t.trial_id], self.curves[t.trial_id] = known_key(values), {}
+            out.append(t)
+        return out
 
     def relocate(self, experiment: str) -> None:
         """Before --resume restores this searcher: the sweep's folder as it is found now (it may have moved
@@ -274,7 +312,32 @@ class PerSchemeSearch(Searcher):
 
     # saved with the studies in one pickle: each study and `storages` keep sharing their storage
     _STATE = ("assigned", "owner", "asked", "values", "curves", "training", "known", "repeats", "reused", "closed",
-              "grids", "storages", "rng", "settled")
+              "grids", "storages", "rng", "settled", "spaces")
+
+
+class Limiter(ConcurrencyLimiter):
+    """Tune's `ConcurrencyLimiter` around a `PerSchemeSearch`, its trials in flight as Tune has them at --resume.
+
+    Tune restores the limiter's trials in flight from the searcher's checkpoint, which may predate its
+    trials (`PerSchemeSearch.restore`): a trial that ended since would hold its place for good (the sweep
+    waits forever), and one made since would pass its end to no study. (Tune takes a searcher given
+    already in a `ConcurrencyLimiter` as it is, and keeps `max_concurrent` trials pending.)
+    """
+
+    def _sync(self) -> None:
+        searcher = self.searcher
+        if isinstance(searcher, PerSchemeSearch) and searcher.in_flight is not None:
+            self.live_trials = set(searcher.in_flight)
+            self.num_unfinished_live_trials = len(searcher.in_flight)
+            searcher.in_flight = None
+
+    def suggest(self, trial_id: str):
+        self._sync()
+        return super().suggest(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._sync()
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 class PerSchemeScheduler(TrialScheduler):

@@ -53,6 +53,7 @@ class Plan:
     gpu_type: str | None = None
     data_id: str | None = None      # the identity of the data (None: the data set is not on this machine)
     lock: record.DriverLock | None = None   # held while this driver runs the sweep (one driver at a time)
+    concurrency: int | None = None  # trials proposed ahead of results when the space leaves it open (cluster/slots.py)
 
     def release(self) -> None:
         if self.lock is not None:

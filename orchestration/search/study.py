@@ -182,8 +182,8 @@ def tpe_sampler(seed: int, share: int):
     the bench's share of 20) 0.30 / 0.42, RandomSampler 0.37 / 0.46; a tenth of the share 0.27 / 0.38,
     constant_liar off 0.26 / 0.38 and multivariate off 0.27 / 0.36 are within the seeds' noise there
     (about 3 trials of a study in flight). With every trial proposed at once (max_concurrent =
-    num_samples, the default) every proposal precedes every result and TPE is random search
-    (0.37 / 0.46).
+    num_samples; the default is the cluster's slots, cluster/slots.py) every proposal precedes every
+    result and TPE is random search (0.37 / 0.46).
     """
     from optuna.samplers import TPESampler
 
@@ -191,29 +191,54 @@ def tpe_sampler(seed: int, share: int):
                       n_startup_trials=max(2, round(STARTUP_SHARE * share)))
 
 
-def settle(storage, name: str, asked: dict[str, Any], told: set[str]) -> set[str]:
+def settle(storage, name: str, asked: dict[str, Any], told: set[str],
+           adopted: dict[str, dict[str, Any]]) -> tuple[set[str], dict[str, Any]]:
     """A group's study `name` in a journal matched, on --resume, to its searcher as Tune restored it: `asked`
-    (the searcher's id -> the Optuna trial it asked) and `told` (the ids it has told a result).
+    (the searcher's id -> the Optuna trial it asked), `told` (the ids it has told a result) and `adopted`
+    (Tune's trial id -> Optuna params: trials Tune holds that the searcher's checkpoint predates).
 
     Tune restores the searcher from its last checkpoint, while the journal goes on to when the driver
-    stopped. A trial asked after that checkpoint (Tune does not know it) ends FAIL, which TPE ignores (left
-    RUNNING, the constant liar would count it as running for good), and a start point it had taken is
-    queued again. Returns the ids the searcher still awaits whose trial the study has already ended (told
-    again, Optuna refuses): their results are not told twice.
+    stopped. A trial asked after that checkpoint is the place of an adopted trial of the same params
+    (RUNNING, or already told by the stopped driver); any other ends FAIL, which TPE ignores (left RUNNING,
+    the constant liar would count it as running for good), and a start point it had taken is queued
+    again. Returns the ids whose trial the study has already ended (told again, Optuna refuses: their
+    results are not told twice), and each adopted trial's place (an `optuna.Trial`; none found: a new one,
+    `running_trial`).
     """
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=name, storage=storage)
-    trials = study.get_trials(deepcopy=False)
+    study_ = optuna.load_study(study_name=name, storage=storage)
+    trials = study_.get_trials(deepcopy=False)
     state = {t.number: t.state for t in trials}
     asked_numbers = {t.number for t in asked.values()}
-    for t in trials:
-        if t.state == TrialState.RUNNING and t.number not in asked_numbers:
+    later = [t for t in trials if t.number not in asked_numbers and t.state != TrialState.WAITING]
+    places: dict[str, Any] = {}
+    for tid, params in adopted.items():
+        twin = next((t for t in later if t.params == params and t not in places.values()
+                     and t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)), None)
+        if twin is not None:
+            places[tid] = twin
+    for t in later:
+        if t.state == TrialState.RUNNING and t not in places.values():
             if t.system_attrs.get("fixed_params"):
-                study.enqueue_trial(t.system_attrs["fixed_params"])
-            study.tell(t.number, state=TrialState.FAIL)
-    return {ask for ask, t in asked.items()
-            if ask not in told and state.get(t.number, TrialState.RUNNING).is_finished()}
+                study_.enqueue_trial(t.system_attrs["fixed_params"])
+            study_.tell(t.number, state=TrialState.FAIL)
+    done = {ask for ask, t in asked.items() if ask not in told and state.get(t.number, TrialState.RUNNING).is_finished()}
+    done |= {tid for tid, t in places.items() if t.state.is_finished()}
+    sid = storage.get_study_id_from_name(name)
+    return done, {tid: optuna.trial.Trial(study_, storage.get_trial_id_from_study_id_trial_number(sid, t.number))
+                  for tid, t in places.items()}
+
+
+def running_trial(storage, name: str, params: dict[str, Any], distributions: dict[str, Any]):
+    """A new RUNNING trial of study `name` holding `params`, made without asking the sampler: the place in
+    the study of a trial Tune restored that its searcher's checkpoint predates."""
+    from optuna.trial import Trial, TrialState, create_trial
+
+    study_ = optuna.load_study(study_name=name, storage=storage)
+    frozen = create_trial(state=TrialState.RUNNING, params=params,
+                          distributions={k: distributions[k] for k in params})
+    return Trial(study_, storage.create_new_trial(storage.get_study_id_from_name(name), template_trial=frozen))
 
 
 def dashboard_command(journal: str) -> str:

@@ -7,7 +7,9 @@ metrics, once per epoch, with step = epoch), ends (final metrics, the end
 reason as tag `wsml.end_reason`, status FINISHED or FAILED). After `Tuner.fit` the
 driver calls `finish`: runs of trials that Tune stopped without ending them
 (an interrupted sweep) end KILLED, to be continued by `--resume`, and the
-outbox delivers what it holds.
+outbox delivers what it holds. At the end of a resumed sweep, runs of trials
+that ended under a driver killed before it could end them are completed from
+Tune's record (`on_experiment_end`).
 
 Exactly once: a trial that is retried, moved to another node or continued by
 `--resume` (a new driver) keeps its run, found by (sweep, role, trial id);
@@ -24,6 +26,7 @@ and the runs are found again by tag.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -56,6 +59,17 @@ def _error_text(trial) -> str:
         with open(trial.error_file, errors="replace") as f:
             text = f.read()
     return text or "error"
+
+
+def _results(trial) -> list[dict]:
+    """The trial's reports as Tune recorded them (result.json in its storage folder); its last one when
+    that file cannot be read."""
+    try:
+        with trial.storage.storage_filesystem.open_input_stream(f"{trial.path}/result.json") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError, AttributeError, RuntimeError):
+        return [trial.last_result] if trial.last_result else []
 
 
 class MLflowTrialLogger(store.Writer, LoggerCallback):
@@ -124,13 +138,25 @@ class MLflowTrialLogger(store.Writer, LoggerCallback):
             self._put(tid, f"epoch {epoch}", self._log_epoch, tid, epoch, metrics, tags)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
-        last = trial.last_result or {}
+        self._end(trial, *self._outcome(trial, failed), trial.last_result or {})
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        """Trials that ended under an earlier driver (restored TERMINATED or ERROR: Tune starts them no
+        more) whose run that driver could not end, being killed before its outbox delivered: their runs
+        get the epochs they lack from the trial's result.json, then their end."""
+        for trial in trials:
+            if trial.trial_id in self._trials or trial.status not in ("TERMINATED", "ERROR"):
+                continue
+            status, reason = self._outcome(trial, trial.status == "ERROR")
+            self._ended.add(trial.trial_id)
+            self._open(trial)
+            self._put(trial.trial_id, "settle", self._settle, trial, status, reason[:5000])
+
+    def _outcome(self, trial, failed: bool) -> tuple[str, str]:
         if failed:
-            status, reason = "FAILED", "failed: " + first_line(_error_text(trial), last=True)
-        else:
-            outcome = trial_outcome(last, self.epochs, self.role)
-            status, reason = outcome.status, outcome.reason
-        self._end(trial, status, reason, last)
+            return "FAILED", "failed: " + first_line(_error_text(trial), last=True)
+        outcome = trial_outcome(trial.last_result or {}, self.epochs, self.role)
+        return outcome.status, outcome.reason
 
     # -- the driver's side ---------------------------------------------------
     def finish(self, wait_s: float = 120.0) -> int:
@@ -217,6 +243,20 @@ class MLflowTrialLogger(store.Writer, LoggerCallback):
             self.client.log_batch(rid, metrics=metrics)
         self.client.set_tag(rid, TAG_STATUS_REASON, reason)
         self.client.set_terminated(rid, status=status)
+
+    def _settle(self, trial, status: str, reason: str) -> None:
+        from mlflow.entities import Metric
+
+        tid = trial.trial_id
+        if self.client.get_run(self._runs[tid]).info.status in ("FINISHED", "FAILED"):
+            return
+        held = self._on_server.get(tid, set())
+        rows = [r for r in _results(trial) if r.get("epoch") is not None and int(r["epoch"]) not in held]
+        metrics = [Metric(k, float(r[k]), int(r.get("timestamp", time.time())) * 1000, int(r["epoch"]))
+                   for r in rows for k in EPOCH_METRICS if _finite(r.get(k))]
+        for i in range(0, len(metrics), 1000):      # MLflow's limit per batch
+            self.client.log_batch(self._runs[tid], metrics=metrics[i:i + 1000])
+        self._log_end(tid, status, reason, self._final_metrics(trial.last_result or {}))
 
     @staticmethod
     def _final_metrics(last: dict[str, Any]) -> list:
