@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsml import schemes
-from wsml.config import OPTIMIZERS, TrainConfig
+from wsml.config import OPTIMIZERS, TrainConfig, flat
 
 from orchestration.common import PARAM_DATA, method_name, redact
 
@@ -101,7 +101,7 @@ class Trial:
         """Its MLflow params: the whole training config (redacted, paths left out), the identity of its
         data (`data_fingerprint`) and the search trial a final run reruns."""
         try:
-            values = _applying(self.train_config().to_dict())
+            values = _applying(flat(self.train_config().to_dict()))
         except Exception:  # noqa: BLE001 - a config the trainer refuses: log what it says; the trial reports why
             values = dict(self.values)
         out = {k: redact(str(v)) for k, v in values.items() if k not in _NOT_PARAMS}

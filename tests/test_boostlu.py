@@ -98,7 +98,7 @@ def test_alpha_one_and_off_are_valid():
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_every_scheme_trains_with_boostlu(scheme):
     # EM+APL pseudo-labels after its warm-up epoch, which must come before the last
-    longer = {"epochs": 2, "apl_warmup_epoch": 1} if scheme == "EM+APL" else {}
+    longer = {"epochs": 2, "scheme_params": {"apl_warmup_epoch": 1}} if scheme == "EM+APL" else {}
     result = run(TrainConfig(scheme=scheme, boostlu_alpha=5.0, **{**SMALL, **longer}), log=None)
     assert 0 < result.test_map <= 100 and result.config["boostlu_alpha"] == 5.0
 

@@ -11,7 +11,7 @@ import torch
 
 from wsml.checkpoint import load_checkpoint
 from wsml.config import TrainConfig
-from wsml.spml_losses import apl_params, apl_per_class_count, apl_update
+from wsml.methods.ack_the_unknown import apl_params, apl_per_class_count, apl_update
 from wsml.train import run
 from wsml.trainer import Trainer
 
@@ -28,7 +28,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _trainer(**kw) -> Trainer:
     from wsml.data.loading import load_data
 
-    cfg = TrainConfig(**{**SMALL, **kw}).resolve()
+    cfg = TrainConfig.from_dict({**SMALL, **kw}).resolve()
     return Trainer(cfg, load_data(cfg), torch.device("cpu"), log=lambda _m: None)
 
 
@@ -59,7 +59,7 @@ def test_apl_pseudo_labels_are_the_published_update_of_the_eval_models_predictio
 def test_em_apl_resumed_after_an_epoch_equals_an_uninterrupted_run(tmp_path):
     """Stopped after epoch 2 (pseudo-labels assigned after it), resumed to epoch 4: the same final state,
     bit for bit, as the run that was never stopped (the update after epoch 3 happens in the resumed run)."""
-    cfg = TrainConfig(scheme="EM+APL", epochs=4, apl_warmup_epoch=2, stop_drop=None, **SMALL)
+    cfg = TrainConfig(scheme="EM+APL", epochs=4, scheme_params={"apl_warmup_epoch": 2}, stop_drop=None, **SMALL)
 
     full = run(cfg, checkpoint_saver(tmp_path / "full"), log=None)
     after_two = load_checkpoint(tmp_path / "full" / "epoch2.pt")
@@ -87,7 +87,7 @@ def test_em_apl_resumed_after_an_epoch_equals_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["EM", "EM+APL", "GR"])
 def test_linear_init_then_fine_tuning(scheme, tmp_path):
-    extra = {"apl_warmup_epoch": 1} if scheme == "EM+APL" else {}
+    extra = {"scheme_params": {"apl_warmup_epoch": 1}} if scheme == "EM+APL" else {}
     lines: list[str] = []
     result = run(TrainConfig(scheme=scheme, mode="linear-init", linear_init_epochs=1, epochs=2, stop_drop=None,
                              cache_dir=str(tmp_path), **extra, **SMALL), log=lines.append)

@@ -181,6 +181,7 @@ def test_warm_started_sweep_trains_nothing_the_first_trained(tmp_path, ray_addre
     runs_a, runs_b = mlflow_runs(uri, "a")["trial"], mlflow_runs(uri, "b")["trial"]
     keys = [(float(r.data.params["lr"]), float(r.data.params["delta_rel"])) for r in runs_a + runs_b]
     assert len(keys) == len(set(keys)) == 6                     # one run per configuration, none duplicated
-    reused = [r for r in runs_a if common.TAG_REUSED in r.data.tags]
-    assert reused and all(r.data.tags[common.TAG_REUSED_BY] == "b" for r in reused)
+    # a's runs that b answered proposals from (a may have too: proposals made after results can repeat)
+    reused = [r for r in runs_a if "b" in r.data.tags.get(common.TAG_REUSED_BY, "").split(",")]
+    assert reused and all(int(r.data.tags[common.TAG_REUSED]) >= 1 for r in reused)
     assert ((1e-3, 2.0) in {(float(r.data.params["lr"]), float(r.data.params["delta_rel"])) for r in reused})

@@ -12,8 +12,11 @@ from wsml import schemes
 from wsml.config import BASELINES, LL_SCHEMES, RECENT_SCHEMES, SCHEMES, TrainConfig, resume_mismatch
 from wsml.errors import ConfigError
 from wsml.losses import LossOutput, loss_function, scheme_loss
-from wsml.spml_losses import (APL_DEFAULTS, GR_PUBLISHED, PUBLISHED_MAP, SEARCH_RANGES, APLParams, EMParams,
-                              em_apl_loss, em_loss, gr_loss)
+from wsml.methods.ack_the_unknown import APL_DEFAULTS, APLParams, EMParams, em_apl_loss, em_loss
+from wsml.methods.ack_the_unknown import PUBLISHED_MAP as ACK_PUBLISHED
+from wsml.methods.gr_loss import GR_PUBLISHED, gr_loss
+from wsml.methods.gr_loss import PUBLISHED_MAP as GR_PUBLISHED_MAP
+from wsml.methods.gr_loss import SEARCH_RANGES as GR_RANGES
 
 from orchestration.common import SpaceError
 from orchestration.search.space import Group, load_space, space_from_dict, with_overrides
@@ -37,34 +40,41 @@ def test_the_registry_is_every_scheme_in_the_tables_order():
 
 
 def test_every_hyper_parameter_is_a_command_line_field_and_back():
+    """The methods' hyper-parameters are no TrainConfig fields of their own (a new method adds none): each is a
+    key of `scheme_params` and an option of the trainer, typed by the registry."""
+    from wsml.train import _parser
+
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    names = schemes.hyper_names()
-    for name in names:
-        assert name in fields and "option" in fields[name].metadata, name
-    prefixed = {n for n in fields if n.split("_")[0] in ("em", "apl", "gr")}
-    assert prefixed == set(schemes.hyper_names(with_dataset_defaults=False))
-    assert fields["apl_warmup_epoch"].type in ("int | None", int | None)
-    assert schemes.hyper("em_alpha") is schemes.REGISTRY["EM+APL"].hyper("em_alpha")    # one field, both schemes
+    assert "delta_rel" in fields and "option" in fields["delta_rel"].metadata      # the data set's default
+    methods = schemes.hyper_names(with_dataset_defaults=False)
+    assert not set(methods) & set(fields) and len(methods) == 14
+    options = {a.dest: a for a in _parser()._actions}
+    for name in methods:
+        assert options[name].type is (int if schemes.hyper(name).integer else float), name
+    assert options["apl_warmup_epoch"].type is int
+    assert schemes.hyper("em_alpha") is schemes.REGISTRY["EM+APL"].hyper("em_alpha")    # one name, both schemes
 
 
 def test_the_registry_holds_the_published_tables():
     for ds in schemes.BENCHMARKS:
         em, apl, gr = (TrainConfig(dataset=ds, scheme=s).resolve() for s in ("EM", "EM+APL", "GR"))
-        assert em.em_alpha == APL_DEFAULTS[ds].alpha
-        assert (apl.em_alpha, apl.apl_beta, apl.apl_neg_proportion, apl.apl_warmup_epoch) == \
-            dataclasses.astuple(APL_DEFAULTS[ds])
-        assert tuple(getattr(gr, f"gr_{f}") for f in GR_PUBLISHED.__dataclass_fields__) == \
+        assert em.scheme_params == {"em_alpha": APL_DEFAULTS[ds].alpha}
+        assert tuple(apl.scheme_params.values()) == dataclasses.astuple(APL_DEFAULTS[ds])
+        assert tuple(gr.param(f"gr_{f}") for f in GR_PUBLISHED.__dataclass_fields__) == \
             dataclasses.astuple(GR_PUBLISHED)
-        for name in RECENT_SCHEMES:
-            assert schemes.REGISTRY[name].published[(ds, "end-to-end")] == PUBLISHED_MAP[name][ds]
+        for name, published in (("EM", ACK_PUBLISHED["EM"]), ("EM+APL", ACK_PUBLISHED["EM+APL"]),
+                                ("GR", GR_PUBLISHED_MAP)):
+            assert schemes.REGISTRY[name].published[(ds, "end-to-end")] == published[ds]
     assert schemes.REGISTRY["LL-R"].published[("pascal", "linear-init")] == 89.4
-    assert schemes.hyper("gr_q2").search == SEARCH_RANGES["GR"]["q2"]
+    assert schemes.hyper("gr_q2").search == GR_RANGES["q2"]
     # digits: CPU-sized; OpenImages: COCO's
     d = TrainConfig(scheme="EM+APL").resolve()
-    assert (d.em_alpha, d.apl_beta, d.apl_neg_proportion, d.apl_warmup_epoch) == (0.1, 0.2, 0.8, 3)
-    assert TrainConfig(dataset="openimages", scheme="EM+APL").resolve().apl_beta == APL_DEFAULTS["coco"].beta
-    # other schemes leave them unset
-    assert TrainConfig(scheme="LL-R").resolve().em_alpha is None
+    assert d.scheme_params == {"em_alpha": 0.1, "apl_beta": 0.2, "apl_neg_proportion": 0.8, "apl_warmup_epoch": 3}
+    assert TrainConfig(dataset="openimages", scheme="EM+APL").resolve().param("apl_beta") == APL_DEFAULTS["coco"].beta
+    # other schemes have none
+    assert TrainConfig(scheme="LL-R").resolve().scheme_params == {}
+    with pytest.raises(ValueError, match="scheme_params\\['em_alpha'\\] is unset"):
+        TrainConfig(scheme="LL-R").resolve().param("em_alpha")
 
 
 def test_config_and_registry_import_without_torch():
@@ -81,17 +91,19 @@ def test_config_and_registry_import_without_torch():
     ({"scheme": "EM+APL", "apl_warmup_epoch": 2.5}, "an integer"),
     ({"scheme": "GR", "gr_q2": 0.0}, "gr_q2=0.0: a number above 0"),
     ({"scheme": "GR", "gr_sigma_end": math.nan}, "gr_sigma_end"),
+    ({"scheme": "EM", "scheme_params": {"foo": 1}}, r"scheme_params\.foo=1: no scheme has it; EM's own are em_alpha"),
+    ({"scheme": "EM", "foo": 1}, "unknown config key"),
 ])
 def test_bad_hyper_parameters_are_refused_naming_the_field(settings, match):
     with pytest.raises(ConfigError, match=match):
-        TrainConfig(**settings).resolve()
+        TrainConfig.from_dict(settings).resolve()
 
 
 def test_epochs_are_compared_on_resume_where_the_scheme_schedules_over_them():
     for scheme, free in (("LL-R", True), ("EM", True), ("EM+APL", False), ("GR", False)):
         saved, now = (TrainConfig(scheme=scheme, epochs=e).resolve().to_dict() for e in (10, 12))
         assert (resume_mismatch(saved, now) is None) == free, scheme
-    saved, now = (TrainConfig(scheme="GR", gr_q2=q).resolve().to_dict() for q in (0.01, 0.02))
+    saved, now = (TrainConfig(scheme="GR", scheme_params={"gr_q2": q}).resolve().to_dict() for q in (0.01, 0.02))
     assert resume_mismatch(saved, now) == "gr_q2=0.01 but this run has gr_q2=0.02"
 
 
@@ -100,7 +112,7 @@ def test_the_dispatch_calls_each_methods_published_loss():
     em = TrainConfig(scheme="EM").resolve()
     out = scheme_loss("EM", LOGITS, OBSERVED, complete, 2, 0.0, 1.0, config=em)
     assert isinstance(out, LossOutput) and torch.equal(out.loss, em_loss(LOGITS, OBSERVED, EMParams(0.1)))
-    apl = TrainConfig(scheme="EM+APL", apl_warmup_epoch=2).resolve()
+    apl = TrainConfig(scheme="EM+APL", scheme_params={"apl_warmup_epoch": 2}).resolve()
     soft = torch.tensor([[math.nan, 0.3, math.nan, math.nan], [0.1, math.nan, math.nan, math.nan]])
     out = scheme_loss("EM+APL", LOGITS, OBSERVED, complete, 3, 0.0, 1.0, soft_labels=soft, epochs=10, config=apl)
     assert torch.equal(out.loss, em_apl_loss(LOGITS, OBSERVED, soft, APLParams(0.1, 0.2, 0.8, 2)))
@@ -117,7 +129,7 @@ def test_linear_phase_is_epoch_zero_em_without_pseudo_labels_and_grs_start_value
     apl = TrainConfig(scheme="EM+APL").resolve()
     none_yet = torch.full(OBSERVED.shape, math.nan)
     out = scheme_loss("EM+APL", LOGITS, OBSERVED, complete, 0, 0.0, 1.0, soft_labels=none_yet, epochs=10, config=apl)
-    assert torch.equal(out.loss, em_loss(LOGITS, OBSERVED, EMParams(apl.em_alpha))) and not out.selected.any()
+    assert torch.equal(out.loss, em_loss(LOGITS, OBSERVED, EMParams(apl.param("em_alpha")))) and not out.selected.any()
     gr = TrainConfig(scheme="GR").resolve()
     at_start = dataclasses.replace(GR_PUBLISHED, w_end=GR_PUBLISHED.w_start, b_end=GR_PUBLISHED.b_start,
                                    mu_end=GR_PUBLISHED.mu_start, sigma_end=GR_PUBLISHED.sigma_start)
@@ -132,7 +144,8 @@ def test_command_line_options_of_the_methods():
     assert "--em-alpha" in text and "--apl-warmup-epoch" in text and "--gr-q2" in text
     args = _parser().parse_args(["--scheme", "EM+APL", "--apl-warmup-epoch", "4", "--em-alpha", "0.05", "--out", "x"])
     cfg = config_from_args(args)
-    assert (cfg.apl_warmup_epoch, cfg.em_alpha, cfg.apl_beta) == (4, 0.05, 0.2)
+    assert cfg.scheme_params == {"em_alpha": 0.05, "apl_beta": 0.2, "apl_neg_proportion": 0.8, "apl_warmup_epoch": 4}
+    assert isinstance(cfg.param("apl_warmup_epoch"), int)
 
 
 # ------------------------------------------------------------------------------------- search and trials
@@ -145,7 +158,7 @@ def test_each_searched_hyper_parameter_applies_to_its_schemes_only():
     assert t.values["apl_warmup_epoch"] == 4 and isinstance(t.values["apl_warmup_epoch"], int)
     assert "gr_q2" not in t.values and "delta_rel" not in t.values
     cfg = t.train_config()
-    assert (cfg.em_alpha, cfg.apl_warmup_epoch, cfg.apl_beta) == (0.05, 4, 0.2)
+    assert (cfg.param("em_alpha"), cfg.param("apl_warmup_epoch"), cfg.param("apl_beta")) == (0.05, 4, 0.2)
     assert t.params()["em_alpha"] == "0.05" and "gr_q2" not in t.params()
     assert Point.of({"scheme": "EM+APL", "lr": 1e-3, "em_alpha": 0.05, "apl_warmup_epoch": 4}).label() == \
         "EM+APL lr=0.001 alpha=0.05 warmup_epoch=4"
@@ -194,3 +207,64 @@ def test_warm_start_reuses_epoch_scheduled_schemes_only_from_runs_of_the_same_ep
     for scheme, reused in (("LL-R", True), ("EM", True), ("EM+APL", False), ("GR", False)):
         run, now = ({"scheme": scheme, "epochs": e, "lr": "0.001"} for e in ("10", "6"))
         assert _same_config(run, now) == reused, scheme
+
+
+# ------------------------------------------------------------------------------------- adding a method
+_NEW_METHOD = '''"""WAN with the weight of unobserved entries as a hyper-parameter: a made-up method for the test."""
+from wsml.methods import Hyper, Range, Scheme
+
+WEIGHT = Hyper("wanx_weight", "WANX: weight of the unobserved entries",
+               dict.fromkeys(("pascal", "coco", "nuswide", "cub", "openimages", "digits"), 0.25), "ours",
+               low=0.0, search=Range(0.05, 1.0, log=True))
+SCHEMES = (Scheme("WANX", "recent", f"{__name__}:loss", hypers=(WEIGHT,),
+                  published={(ds, "end-to-end"): 50.0 for ds in ("pascal", "coco", "nuswide", "cub")},
+                  published_in="none"),)
+
+
+def loss(b):
+    import torch
+
+    from wsml.losses import LossOutput, an_targets, bce
+
+    weights = torch.where(b.observed == 0, b.run_config().param("wanx_weight"), 1.0)
+    return LossOutput((weights * bce(b.logits, an_targets(b.observed))).mean(), b.no_selection())
+'''
+
+_CHECKS = '''
+import sys
+from wsml import schemes
+from wsml.config import TrainConfig
+from orchestration.search.space import Group, load_space, space_from_dict, with_overrides
+assert list(schemes.REGISTRY)[-1] == "WANX" and "torch" not in sys.modules
+assert TrainConfig(scheme="WANX").resolve().scheme_params == {"wanx_weight": 0.25}
+data = with_overrides(load_space("digits"), schemes=["WANX", "AN"], epochs=3).to_dict()
+data["search"]["scheme_params"]["WANX"] = {"wanx_weight": {"low": 0.05, "high": 1.0, "log": True}}
+space = space_from_dict(data)
+print(sorted(space.search.params(Group("WANX", "end-to-end"))), space.group_points(Group("WANX", "end-to-end")))
+'''
+
+
+def test_a_new_method_is_one_module_and_one_space_entry(tmp_path):
+    """A method in a module of its own in a `wsml/methods/` folder (here kept outside the checkout, on
+    PYTHONPATH) is a scheme of the registry with its defaults, a trainer option and a space entry."""
+    from tests.helpers import ROOT, clean_env
+
+    module = tmp_path / "plugins" / "wsml" / "methods" / "wanx.py"
+    module.parent.mkdir(parents=True)
+    module.write_text(_NEW_METHOD)
+    env = clean_env(PYTHONPATH=f"{ROOT}:{tmp_path / 'plugins'}")
+    r = subprocess.run([sys.executable, "-c", _CHECKS], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "['lr', 'wanx_weight'] [{'lr': 0.001, 'wanx_weight': 0.25}]"
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "wsml.train", "--scheme", "WANX", "--wanx-weight", "0.5",
+                        "--epochs", "1", "--max-train-images", "128", "--num-workers", "0", "--device", "cpu",
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                       env=env, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    assert json.loads((out / "metrics.json").read_text())["config"]["scheme_params"] == {"wanx_weight": 0.5}
+    bad = subprocess.run([sys.executable, "-m", "wsml.train", "--scheme", "AN", "--wanx-weight", "0.5",
+                          "--out", str(tmp_path / "bad")], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "wanx_weight=0.5: a hyper-parameter of WANX, not of AN" in bad.stderr

@@ -5,20 +5,13 @@ import pytest
 import torch
 
 from wsml.errors import ConfigError
-from wsml.spml_losses import (
+from wsml.methods.ack_the_unknown import (
     APL_DEFAULTS,
     EM_DEFAULTS,
     EM_LOG_EPSILON,
     EM_TRAINING,
-    GR_DEFAULTS,
-    GR_LOG_EPSILON,
-    GR_PUBLISHED,
-    GR_TRAINING,
-    PUBLISHED_MAP,
-    SEARCH_RANGES,
     APLParams,
     EMParams,
-    GRParams,
     apl_initial_soft_labels,
     apl_per_class_count,
     apl_pseudo_labelled,
@@ -26,11 +19,15 @@ from wsml.spml_losses import (
     apl_update_due,
     em_apl_loss,
     em_loss,
-    gr_k,
-    gr_loss,
-    gr_schedule,
-    gr_v,
 )
+from wsml.methods.ack_the_unknown import PUBLISHED_MAP as ACK_PUBLISHED
+from wsml.methods.ack_the_unknown import SEARCH_RANGES as ACK_RANGES
+from wsml.methods.gr_loss import GR_DEFAULTS, GR_LOG_EPSILON, GR_PUBLISHED, GR_TRAINING, GRParams, gr_k, gr_loss, gr_schedule, gr_v
+from wsml.methods.gr_loss import PUBLISHED_MAP as GR_PUBLISHED_MAP
+from wsml.methods.gr_loss import SEARCH_RANGES as GR_RANGES
+
+PUBLISHED_MAP = {**ACK_PUBLISHED, "GR": GR_PUBLISHED_MAP}
+SEARCH_RANGES = {**ACK_RANGES, "GR": GR_RANGES}
 
 NAN = math.nan
 # 2 images x 3 classes: probabilities chosen by hand, the logits that give them

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
@@ -121,12 +120,6 @@ def _either(choices: tuple[str, ...]) -> str:
     return " or ".join([", ".join(choices[:-1]), choices[-1]]) if len(choices) > 1 else choices[0]
 
 
-def _hyper_help(name: str) -> str:
-    """A method hyper-parameter's help: what it is and its default (argparse formats %%)."""
-    h = schemes.hyper(name)
-    return f"{h.help} (default: the authors' value for the data set, digits ours; {h.source})".replace("%", "%%")
-
-
 @dataclass
 class TrainConfig:
     """Everything that defines one run; `None` means "the data set's default".
@@ -177,22 +170,17 @@ class TrainConfig:
     boostlu_alpha: float | None = option(None, "BoostLU (CVPR 2023): multiply positive class-activation-map "
                                                "values by A before pooling (the authors use 5; default: off)",
                                          metavar="A")
-    # The hyper-parameters of the methods since 2022 (wsml/schemes.py: their defaults per data set, sources
-    # and search ranges); None: the published default of the data set. Only the scheme's own may be set.
-    em_alpha: float | None = option(None, _hyper_help("em_alpha"))
-    apl_beta: float | None = option(None, _hyper_help("apl_beta"))
-    apl_neg_proportion: float | None = option(None, _hyper_help("apl_neg_proportion"))
-    apl_warmup_epoch: int | None = option(None, _hyper_help("apl_warmup_epoch"))
-    gr_w_start: float | None = option(None, _hyper_help("gr_w_start"))
-    gr_w_end: float | None = option(None, _hyper_help("gr_w_end"))
-    gr_b_start: float | None = option(None, _hyper_help("gr_b_start"))
-    gr_b_end: float | None = option(None, _hyper_help("gr_b_end"))
-    gr_mu_start: float | None = option(None, _hyper_help("gr_mu_start"))
-    gr_sigma_start: float | None = option(None, _hyper_help("gr_sigma_start"))
-    gr_mu_end: float | None = option(None, _hyper_help("gr_mu_end"))
-    gr_sigma_end: float | None = option(None, _hyper_help("gr_sigma_end"))
-    gr_q2: float | None = option(None, _hyper_help("gr_q2"))
-    gr_q3: float | None = option(None, _hyper_help("gr_q3"))
+    # The methods' own hyper-parameters by name (wsml/schemes.py: their defaults per data set, sources,
+    # valid values and search ranges; the trainer's `--<name>` options); unset: the published default of
+    # the data set. Only the scheme's own may be set.
+    scheme_params: dict[str, float] = field(default_factory=dict)
+
+    def param(self, name: str) -> float:
+        """The scheme's hyper-parameter `name` of a resolved configuration."""
+        if name not in self.scheme_params:
+            raise ValueError(f"TrainConfig.scheme_params[{name!r}] is unset: resolve() the configuration of a "
+                             "scheme that has it first")
+        return self.scheme_params[name]
 
     def resolve(self) -> TrainConfig:
         """Return a copy with data-set defaults filled in, validated."""
@@ -210,9 +198,11 @@ class TrainConfig:
             for name in ("epochs", "lr", "batch_size"):
                 if getattr(self, f"linear_init_{name}") is None:
                     filled[f"linear_init_{name}"] = getattr(phase, name)
-            for h in schemes.REGISTRY[self.scheme].hypers:     # the scheme's own hyper-parameters
-                if h.defaults is not None and getattr(self, h.name) is None:
-                    filled[h.name] = h.default(self.dataset)
+            # the scheme's own hyper-parameters, in the registry's order (anything else is left for validate())
+            given = {k: v for k, v in self.scheme_params.items() if v is not None}
+            params = {h.name: given.pop(h.name, h.default(self.dataset))
+                      for h in schemes.REGISTRY[self.scheme].hypers if h.defaults is not None}
+            filled["scheme_params"] = {**params, **given}
         cfg = replace(self, **filled)
         cfg.validate()
         return cfg
@@ -259,32 +249,41 @@ class TrainConfig:
                                   and a > 0):
             bad("boostlu_alpha", "a positive number (the BoostLU paper uses 5; 1 is the plain linear head), "
                                  "or None for no BoostLU")
-        self._validate_hypers(bad)
+        self._validate_hypers()
 
-    def _validate_hypers(self, bad: Callable[[str, str], None]) -> None:
+    def _validate_hypers(self) -> None:
         """The scheme's own hyper-parameters (wsml/schemes.py: valid values), and no other method's set."""
         scheme = schemes.REGISTRY[self.scheme]
-        for name in schemes.hyper_names(with_dataset_defaults=False):
+        for name, value in self.scheme_params.items():
             h = scheme.hyper(name)
             if h is None:
-                if getattr(self, name) is not None:
-                    users = [s for s in SCHEMES if schemes.applies(name, s)]
-                    bad(name, f"a hyper-parameter of {_either(tuple(users))}, not of {self.scheme}: leave it unset")
-                continue
-            why = h.invalid(getattr(self, name), self.epochs)
+                users = [s for s in SCHEMES if schemes.applies(name, s)]
+                if not users or name not in schemes.hyper_names(with_dataset_defaults=False):
+                    own = [h.name for h in scheme.hypers if h.defaults is not None]
+                    raise ConfigError(f"invalid scheme_params.{name}={value!r}: no scheme has it; {self.scheme}'s "
+                                      f"own are {', '.join(own) or 'none'}")
+                raise ConfigError(f"invalid {name}={value!r}: a hyper-parameter of {_either(tuple(users))}, not "
+                                  f"of {self.scheme}: leave it unset")
+            why = h.invalid(value, self.epochs)
             if why:
-                bad(name, why)
+                raise ConfigError(f"invalid {name}={value!r}: {why}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """From TrainConfig's fields; the methods' hyper-parameters may also come as keys of their own
+        (a trial's flat configuration), gathered into `scheme_params`."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        methods = set(schemes.hyper_names(with_dataset_defaults=False))
+        unknown = sorted(set(values) - known - methods)
         if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: known keys are {', '.join(sorted(known))}")
-        return cls(**values)
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: known keys are "
+                              f"{', '.join(sorted(known | methods))}")
+        params = dict(values.get("scheme_params") or {})
+        params.update({k: v for k, v in values.items() if k in methods and v is not None})
+        return cls(**{k: v for k, v in values.items() if k in known and k != "scheme_params"}, scheme_params=params)
 
 
 # Fields that may differ between a checkpoint and the run resuming it: where and how fast it runs,
@@ -301,10 +300,17 @@ def resume_free(scheme: str | None) -> frozenset[str]:
     return RESUME_FREE - {"epochs"} if spec is not None and spec.epoch_schedule else RESUME_FREE
 
 
+def flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A `TrainConfig.to_dict()` with the methods' hyper-parameters by their own names, as a sweep's trials
+    and the trainer's options name them (`em_alpha`, not `scheme_params`)."""
+    return {**{k: v for k, v in config.items() if k != "scheme_params"}, **(config.get("scheme_params") or {})}
+
+
 def resume_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
     """The first setting (outside `resume_free` of the scheme) that differs, as "scheme='LL-Ct' but this run
     has scheme='LL-R'", or None. Keys missing on either side are not compared."""
     free = resume_free(now.get("scheme"))
+    saved, now = flat(saved), flat(now)
     for key, value in now.items():
         if key not in free and key in saved and saved[key] != value:
             return f"{key}={saved[key]!r} but this run has {key}={value!r}"

@@ -33,6 +33,11 @@ def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
 
 
+def neg_log(probs: torch.Tensor, eps: float) -> torch.Tensor:
+    """-log(p + eps): the log with an epsilon inside and no clamp, as the published EM, APL and GR write it."""
+    return -torch.log(probs + eps)
+
+
 def an_targets(observed: torch.Tensor) -> torch.Tensor:
     """Assume negative: 1 for observed positives, 0 for everything else."""
     return (observed == 1).float()
@@ -104,6 +109,12 @@ class Batch:
 
     def no_selection(self) -> torch.Tensor:
         return torch.zeros_like(self.observed, dtype=torch.bool)
+
+    def run_config(self) -> TrainConfig:
+        """The resolved run, for schemes that read their hyper-parameters (`TrainConfig.param`)."""
+        if self.config is None:
+            raise ValueError(f"{self.scheme} needs the run's resolved config (its hyper-parameters)")
+        return self.config
 
 
 def full_loss(b: Batch) -> LossOutput:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from wsml import schemes
 from wsml.config import EpochReport, RunResult, TrainConfig, filled
 from wsml.data.loading import load_data
 from wsml.errors import DataChanged, WSMLError
@@ -140,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
         elif kind is not str:
             settings["type"] = kind
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **settings)
+    for name in schemes.hyper_names(with_dataset_defaults=False):    # the methods' own: scheme_params
+        h = schemes.hyper(name)
+        help_ = f"{h.help} (default: the authors' value for the data set, digits ours; {h.source})"
+        p.add_argument("--" + name.replace("_", "-"), type=int if h.integer else float, default=None,
+                       help=help_.replace("%", "%%"))
     p.add_argument("--out", required=True,
                    help="output folder: new, empty, or this run's own (rerun the command to resume); it keeps "
                         "checkpoint.pt, checkpoint.pt.sha256 and metrics.json, and any other file is refused")
@@ -153,7 +159,9 @@ def _option_fields() -> list[Field]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in _option_fields()}).resolve()
+    params = {name: v for name in schemes.hyper_names(with_dataset_defaults=False)
+              if (v := getattr(args, name)) is not None}
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in _option_fields()}, scheme_params=params).resolve()
 
 
 def _check_out_dir(out: Path) -> None:

@@ -23,7 +23,7 @@ from wsml.config import TrainConfig, filled, resume_mismatch
 from wsml.data.loading import WSMLData, fingerprint_changes
 from wsml.errors import CheckpointError, TrainingDiverged
 from wsml.losses import LossOutput, init_role_estimator, scheme_loss
-from wsml.spml_losses import apl_initial_soft_labels, apl_params, apl_update, apl_update_due
+from wsml.methods.ack_the_unknown import apl_initial_soft_labels, apl_params, apl_update, apl_update_due
 from wsml.metrics import mean_average_precision
 from wsml.model import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model
 from wsml.progress import Progress

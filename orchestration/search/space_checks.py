@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 MAX_SEED = 2**32 - 1            # numpy (and so Optuna's TPE) takes seeds below 2**32
 # TrainConfig fields a space may fix under `train:`; the searched ones and
 # those the sweep sets itself are left out.
-_SWEEP_SET = {"dataset", "epochs", "seed", "data_root", "device", *trial_config.SEARCHED}
+_SWEEP_SET = {"dataset", "epochs", "seed", "data_root", "device", "scheme_params", *trial_config.SEARCHED}
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _SWEEP_SET)
 PAPER = "paper"          # start_with keyword: each scheme's default configuration (the published code's)
 LR_TAGS = ("range", "per_optimizer")     # the two forms of search.lr (orchestration.search.space.Lr)
