@@ -127,7 +127,7 @@ def expected_cell(values: np.ndarray | None, ref: float | None) -> str:
         ours = f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={values.size})"
     parts = [ours]
     if ref is not None:
-        parts.append(f"paper {ref:.1f}")
+        parts.append(f"paper {ref}")         # as published: Table 1 with one decimal, later papers two
         if values is not None and values.size:
             parts.append(f"Δ {values.mean() - ref:+.2f}")
     return " · ".join(parts)

@@ -19,7 +19,8 @@ def format_cell(mean: float, std: float, n: int, ref: float) -> str:
         ours = EMPTY
     parts = [ours]
     if math.isfinite(ref):
-        parts.append(f"paper {ref:.1f}")
+        # to the published digits: Table 1 gives one decimal, the recent methods' papers two
+        parts.append(f"paper {ref:.1f}" if round(ref, 1) == ref else f"paper {ref:.2f}")
         if n:
             parts.append(f"Δ {mean - ref:+.2f}")
     return " · ".join(parts)
