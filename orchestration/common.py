@@ -150,6 +150,23 @@ def trial_outcome(last: dict[str, Any] | None, epochs: int, role: str) -> Outcom
     return Outcome("FINISHED", ASHA_STOPPED if role == ROLE_TRIAL else STOPPED)
 
 
+def result_rows(fs, trial_path: str) -> list[dict[str, Any]]:
+    """A trial's reports as Tune recorded them: the rows of `result.json` in its folder `trial_path` on the
+    pyarrow file system `fs`; a line that does not parse (cut by a killed driver) is skipped. Raises
+    OSError (FileNotFoundError: none yet) where the file cannot be read."""
+    import json
+
+    with fs.open_input_stream(f"{trial_path.rstrip('/')}/result.json") as f:
+        lines = f.read().decode(errors="replace").splitlines()
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict)]
+
+
 def method_name(scheme: str, boostlu_alpha: float | None) -> str:
     """A table row's name: the scheme, with " + BoostLU" when the BoostLU head is on (as the BoostLU paper)."""
     return f"{scheme} + BoostLU" if boostlu_alpha is not None else scheme

@@ -31,7 +31,7 @@ from typing import Any
 from collections.abc import Callable
 
 from orchestration import trial as trial_config
-from orchestration.common import METRIC, MODE, redact
+from orchestration.common import METRIC, MODE, redact, result_rows
 from orchestration.search import per_scheme, study
 from orchestration.search.space import SweepSpace
 
@@ -119,7 +119,6 @@ def _with_paths(trainable: Callable, moved: dict[str, str]) -> Callable:
 def stand_in_for_lost_checkpoints(path: str, keep_checkpoints: int) -> list[str]:
     """Make the missing folders of each trial's last checkpoints (named in its result.json) that are newer
     than any it still has; returns the trial folders that needed them."""
-    import json
     import posixpath
     import re
 
@@ -131,18 +130,10 @@ def stand_in_for_lost_checkpoints(path: str, keep_checkpoints: int) -> list[str]
         if trial.type != pyarrow.fs.FileType.Directory:
             continue
         try:
-            with fs.open_input_stream(posixpath.join(trial.path, "result.json")) as f:
-                lines = f.read().decode(errors="replace").splitlines()
-        except (FileNotFoundError, OSError):
+            rows = result_rows(fs, trial.path)
+        except OSError:
             continue
-        names = []
-        for line in lines:
-            try:
-                name = json.loads(line).get("checkpoint_dir_name")
-            except ValueError:
-                continue
-            if name and name not in names:
-                names.append(name)
+        names = list(dict.fromkeys(n for r in rows if (n := r.get("checkpoint_dir_name"))))
         have = [int(m.group(1)) for i in fs.get_file_info(pyarrow.fs.FileSelector(trial.path))
                 if (m := re.fullmatch(r"checkpoint_(\d+)", i.base_name))]
         newest = max(have, default=-1)

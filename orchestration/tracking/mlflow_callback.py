@@ -26,7 +26,6 @@ and the runs are found again by tag.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -41,7 +40,8 @@ from orchestration.common import (BEST_EPOCH, BEST_VAL_MAP, CLEAN_RATE, EPOCH_SE
                                   TAG_DATASET, TAG_DEVICE, TAG_FAILURES, TAG_METHOD, TAG_MODE, TAG_NODE, TAG_NODES,
                                   TAG_PARENT, TAG_RESTORED_FROM, TAG_ROLE, TAG_SCHEME, TAG_SEED, TAG_SOURCE_TRIAL,
                                   TAG_STARTED_OVER, TAG_STATUS_REASON, TAG_SWEEP, TAG_TRIAL_ID, TEST_MAP,
-                                  TEST_MAP_AT_BEST, TRAIN_HOURS, TRAIN_LOSS, VAL_MAP, first_line, trial_outcome)
+                                  TEST_MAP_AT_BEST, TRAIN_HOURS, TRAIN_LOSS, VAL_MAP, first_line, result_rows,
+                                  trial_outcome)
 
 EPOCH_METRICS = (VAL_MAP, TRAIN_LOSS, MODIFIED_FRAC, MODIFIED_TRUE_POS_FRAC, CLEAN_RATE, EPOCH_SECONDS,
                  BEST_VAL_MAP, TEST_MAP_AT_BEST, "images_per_s", LINEAR_INIT_SATURATED_FRAC)
@@ -65,10 +65,8 @@ def _results(trial) -> list[dict]:
     """The trial's reports as Tune recorded them (result.json in its storage folder); its last one when
     that file cannot be read."""
     try:
-        with trial.storage.storage_filesystem.open_input_stream(f"{trial.path}/result.json") as f:
-            lines = f.read().decode(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-    except (OSError, ValueError, AttributeError, RuntimeError):
+        return result_rows(trial.storage.storage_filesystem, trial.path)
+    except (OSError, AttributeError, RuntimeError):
         return [trial.last_result] if trial.last_result else []
 
 
